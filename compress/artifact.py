@@ -1,0 +1,233 @@
+"""Artifacts: a Hugging Face model folder plus ``manifest.json``.
+
+``id = sha256(parent id, pass name, canonical config, pass version, inputs)[:16]``,
+so a rerun finds finished stages by id and a killed run resumes. Every write
+goes to a temporary sibling folder (or file) that is renamed into place, so an
+artifact folder either is complete or does not exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import __version__
+from .errors import UserError, one_line
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+WEIGHT_SUFFIXES = (".safetensors",)
+
+
+def hash_parts(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def compute_id(parent: str | None, pass_name: str, config_json: str, pass_version: int, inputs: str = "") -> str:
+    return hash_parts(parent or "", pass_name, config_json, str(pass_version), inputs)
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def teacher(self) -> dict[str, Any] | None:
+        return self.manifest.get("teacher")
+
+
+def is_artifact(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_artifact(path: Path) -> Artifact:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is not a compress artifact (no {MANIFEST})") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"corrupt manifest {path / MANIFEST}: {one_line(exc)}") from None
+    if not isinstance(manifest, dict) or "id" not in manifest:
+        raise UserError(f"corrupt manifest {path / MANIFEST}: no id")
+    return Artifact(path, manifest)
+
+
+def make_manifest(
+    *, id: str, parent: str | None, pass_name: str, pass_version: int, config: dict, path: Path,
+    teacher: dict | None, extra: dict | None = None,
+) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "id": id,
+        "parent": parent,
+        "pass": pass_name,
+        "pass_version": pass_version,
+        "config": config,
+        "teacher": teacher,
+        "files": list_files(path),
+        "tool_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+
+
+def list_files(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out.append({"name": str(p.relative_to(path)), "bytes": p.stat().st_size})
+    return out
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+
+
+def count_parameters(path: Path) -> int:
+    """Parameters stored in the folder's safetensors files, read from their headers."""
+    total = 0
+    for p in Path(path).glob("*.safetensors"):
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for d in meta["shape"]:
+                numel *= d
+            total += numel
+    return total
+
+
+# ---------------------------------------------------------------------------- atomic I/O
+
+
+def _translate_os_error(exc: OSError, what: Path) -> UserError | None:
+    if exc.errno == errno.ENOSPC:
+        return UserError(f"no space left on device while writing {what}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write {what}: {exc.strerror}")
+    return None
+
+
+@contextlib.contextmanager
+def os_errors(what: Path) -> Iterator[None]:
+    """Turn disk-full and permission errors into one-line user errors."""
+    try:
+        yield
+    except OSError as exc:
+        err = _translate_os_error(exc, what)
+        if err is None:
+            raise
+        raise err from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with os_errors(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temp folder beside ``final``; on success it replaces ``final``.
+
+    On any error (or Ctrl-C) the temp folder is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    with os_errors(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a (never modified) file, copying where links are impossible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete temp folders left by killed runs (``.name.tmp-PID`` of dead PIDs)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if ".tmp-" in p.name and p.name.startswith("."):
+            try:
+                pid = int(p.name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,202 @@
+"""The ``compress`` command line. Thin: parse, resolve, call ``compress.api``.
+
+Importing this module does not import torch (``compress --help`` is instant);
+heavy modules are imported inside the commands. Exit codes: 0 ok, 2 bad input
+(one line on stderr), 1 internal error, 130 interrupted. ``--json`` prints only
+the JSON result on stdout; progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER, CompressError, one_line
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    help="Compress causal language models for edge deployment: prune, distill, quantize, export, profile.",
+)
+profiles_app = typer.Typer(no_args_is_help=True, help="List and show deployment profiles.")
+passes_app = typer.Typer(no_args_is_help=True, help="List the registered passes.")
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(passes_app, name="passes")
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@app.command("model")
+def model_cmd(
+    model: Optional[str] = typer.Argument(None, help="HF folder, .gguf file, artifact or run folder; default: embedded SmolLM2-135M-Instruct"),
+    profile: str = typer.Option("baseline", "--profile", "-p", help="profile name (see `compress profiles list`) or a .yaml path"),
+    out: str = typer.Option("compress-out", "--out", "-o", help="output folder (reruns reuse finished stages)"),
+    set_: List[str] = typer.Option([], "--set", help="override SECTION.KEY=VALUE (repeatable)"),
+    data: Optional[str] = typer.Option(None, "--data", help="training/calibration text: .txt, .jsonl or folder"),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="held-out evaluation text: .txt, .jsonl or folder"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved pipeline and stop"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON result on stdout"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or log lines"),
+) -> None:
+    """Run a profile's pipeline on a model and write stages plus report.json/report.md."""
+    from . import api
+
+    p = api.plan(model, profile, set_, data=data, eval_data=eval_data)
+    if dry_run:
+        resolved = p.to_dict()
+        if as_json:
+            _emit_json(resolved)
+        else:
+            import yaml
+
+            sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+        return
+    report = api.run(p, out, quiet=quiet)
+    if as_json:
+        _emit_json(report)
+    else:
+        from .report import render_markdown
+
+        sys.stdout.write(render_markdown(report))
+        sys.stdout.write(f"\nreport: {os.path.join(out, 'report.md')}\n")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Argument(None, help="HF folder, .gguf, artifact or run folder; default: embedded model"),
+    data: Optional[str] = typer.Option(None, "--data", help="evaluation text (.txt, .jsonl or folder); default: held-out text the teacher writes"),
+    max_tokens: int = typer.Option(16384, "--max-tokens", help="first N tokens of the data"),
+    window: int = typer.Option(512, "--window", help="non-overlapping window length"),
+    batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="teacher model for KL / agreement (default: the artifact's recorded teacher)"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON result"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Perplexity over the first N tokens of the data, plus KL and top-1 agreement to a teacher."""
+    from . import api
+
+    result = api.evaluate(model, data, max_tokens=max_tokens, window=window, batch_size=batch_size,
+                          teacher=teacher, quiet=quiet)
+    if as_json:
+        _emit_json(result)
+        return
+    lines = [
+        f"model       {result['model']}",
+        f"data        {result['data']} ({result['tokens']} tokens, {result['windows']} windows of {window})",
+        f"perplexity  {result['perplexity']:.4f}",
+    ]
+    if result.get("teacher"):
+        lines += [f"teacher     {result['teacher']}", f"KL          {result['kl']:.5f}",
+                  f"top-1 agree {result['top1_agreement']:.4f}"]
+    lines.append(f"speed       {result['tokens_per_second']:.0f} tokens/s")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+@profiles_app.command("list")
+def profiles_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Profiles shipped with compress."""
+    from .profiles import available_profiles, read_profile
+
+    rows = []
+    for name in available_profiles():
+        _, raw = read_profile(name)
+        rows.append({"name": name, "description": raw.get("description", ""),
+                     "passes": [(x["name"] if isinstance(x, dict) else x) for x in raw.get("passes") or []]})
+    if as_json:
+        _emit_json(rows)
+        return
+    for r in rows:
+        sys.stdout.write(f"{r['name']:<16} {r['description']}\n")
+
+
+@profiles_app.command("show")
+def profiles_show(
+    name: str = typer.Argument(..., help="profile name or .yaml path"),
+    set_: List[str] = typer.Option([], "--set", help="override SECTION.KEY=VALUE"),
+    as_json: bool = typer.Option(False, "--json", help="print the resolved profile as JSON"),
+) -> None:
+    """A profile, resolved: every pass with every config field."""
+    import yaml
+
+    from .profiles import load_pipeline
+
+    resolved = load_pipeline(name, set_).to_dict()
+    if as_json:
+        _emit_json(resolved)
+    else:
+        sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
+
+
+@passes_app.command("list")
+def passes_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Registered passes with their config fields and defaults."""
+    from .registry import list_passes
+
+    rows = []
+    for spec in list_passes():
+        defaults = spec.config().to_dict()
+        rows.append({
+            "name": spec.name, "version": spec.version, "summary": spec.summary,
+            "needs_data": spec.needs_data, "needs_teacher": spec.needs_teacher,
+            "config": {k: {"default": defaults[k], "help": h} for k, h in spec.config.field_help().items()},
+        })
+    if as_json:
+        _emit_json(rows)
+        return
+    for r in rows:
+        sys.stdout.write(f"{r['name']} (v{r['version']}): {r['summary']}\n")
+        for k, v in r["config"].items():
+            sys.stdout.write(f"    {k:<18} {v['default']!s:<10} {v['help']}\n")
+
+
+def _fail(code: int, message: str) -> int:
+    sys.stderr.write(f"error: {one_line(message)}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app and maps every failure to one line and an exit code."""
+    run: Callable = app
+    try:
+        run(args=argv, standalone_mode=False, prog_name="compress")
+        return 0
+    except CompressError as exc:
+        return _fail(exc.exit_code, str(exc))
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted; rerun the same command to resume from the last finished stage/checkpoint")
+    except MemoryError:
+        return _fail(EXIT_INTERNAL, "out of memory")
+    except OSError as exc:
+        import errno
+
+        if exc.errno == errno.ENOSPC:
+            return _fail(EXIT_USER, f"no space left on device ({exc.filename or ''})")
+        if os.environ.get("COMPRESS_DEBUG"):
+            traceback.print_exc()
+        return _fail(EXIT_INTERNAL, f"internal error: {exc} (set COMPRESS_DEBUG=1 for a traceback)")
+    except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into exit 1
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            # a command-line usage error from typer's (vendored) click: bad option, missing argument
+            return _fail(EXIT_USER, exc.format_message())
+        if os.environ.get("COMPRESS_DEBUG"):
+            traceback.print_exc()
+        return _fail(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc} (set COMPRESS_DEBUG=1 for a traceback)")
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,252 @@
+"""Typed, versioned, strict configuration objects.
+
+Every pass config, and the pipeline's ``data`` and ``evaluation`` sections, is a
+frozen dataclass deriving from :class:`Config`. Loading from a dict rejects unknown
+keys (naming the key and the allowed ones), coerces values given as strings (from
+``--set``), and validates ranges in ``validate``. Configs round-trip through
+``{"type", "version", "data"}`` dicts and have a canonical JSON form that artifact
+ids are hashed from.
+
+This module must not import torch: the CLI resolves profiles with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from .errors import UserError
+
+
+def help_field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field documented next to itself."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; parse strings where unambiguous."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("null", "none") and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        if isinstance(value, str):
+            for a in allowed:
+                if str(a).lower() == value.strip().lower():
+                    return a
+        raise UserError(f"{where}: expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in (p.strip() for p in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {where}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Base of every config: strict dict loading, canonical JSON, validation."""
+
+    VERSION: ClassVar[int] = 1
+    #: Name used in error messages (``data``, ``evaluation`` or the pass name).
+    SECTION: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` for out-of-range values. Override per config."""
+
+    def _fail(self, key: str, message: str) -> None:
+        raise UserError(f"{self.SECTION}.{key}: {message}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, section: str | None = None) -> "Config":
+        """Build from a plain dict, rejecting unknown keys and coercing values."""
+        section = section or cls.SECTION
+        data = dict(data or {})
+        if not isinstance(data, dict):
+            raise UserError(f"{section}: expected a mapping, got {data!r}")
+        hints = typing.get_type_hints(cls)
+        allowed = cls.field_names()
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise UserError(
+                f"{section}: unknown key {unknown[0]!r}; allowed keys: {', '.join(allowed)}"
+            )
+        values = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in data.items()}
+        try:
+            return cls(**values)
+        except UserError:
+            raise
+        except TypeError as exc:  # pragma: no cover - dataclass signature errors
+            raise UserError(f"{section}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def to_typed_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "version": self.VERSION, "data": self.to_dict()}
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def replace(self, **changes: Any) -> "Config":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def with_overrides(self, overrides: dict[str, Any], section: str | None = None) -> "Config":
+        return type(self).from_dict({**self.to_dict(), **overrides}, section)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``section.key=value``; the value is read as a YAML scalar."""
+    if "=" not in text:
+        raise UserError(f"bad override {text!r}: expected SECTION.KEY=VALUE, e.g. distill.lr=1e-4")
+    lhs, raw = text.split("=", 1)
+    if lhs.count(".") != 1 or not all(lhs.split(".")):
+        raise UserError(f"bad override {text!r}: expected SECTION.KEY=VALUE, e.g. distill.lr=1e-4")
+    section, key = lhs.split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section.strip(), key.strip(), value
+
+
+# ----------------------------------------------------------------------------------------
+# Pipeline-level sections. Pass configs live next to their pass (compress/passes/<name>).
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(Config):
+    """Training/calibration data: user files, or text the teacher writes itself."""
+
+    SECTION: ClassVar[str] = "data"
+
+    seq_len: int = help_field(512, "tokens per packed training block")
+    num_prompts: int = help_field(
+        256, "self-generated data: how many prompts of the built-in set the teacher answers"
+    )
+    eval_prompts: int = help_field(
+        32, "self-generated evaluation data: held-out prompts answered (never trained on)"
+    )
+    max_new_tokens: int = help_field(256, "self-generated data: longest answer, in tokens")
+    temperature: float = help_field(0.0, "self-generated data: 0 = greedy, else sampling temperature")
+    generation_batch_size: int = help_field(32, "self-generated data: prompts decoded together")
+    seed: int = help_field(0, "self-generated data: sampling seed (used when temperature > 0)")
+
+    def validate(self) -> None:
+        if not 8 <= self.seq_len <= 32768:
+            self._fail("seq_len", f"must be in 8..32768, got {self.seq_len}")
+        if self.num_prompts < 1:
+            self._fail("num_prompts", "must be at least 1")
+        if self.eval_prompts < 1:
+            self._fail("eval_prompts", "must be at least 1")
+        if not 1 <= self.max_new_tokens <= 4096:
+            self._fail("max_new_tokens", "must be in 1..4096")
+        if not 0.0 <= self.temperature <= 2.0:
+            self._fail("temperature", "must be in 0..2")
+        if self.generation_batch_size < 1:
+            self._fail("generation_batch_size", "must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(Config):
+    """Held-out evaluation run after every stage."""
+
+    SECTION: ClassVar[str] = "evaluation"
+
+    max_tokens: int = help_field(16384, "evaluate on the first N tokens of the evaluation data")
+    window: int = help_field(512, "non-overlapping window length, tokens")
+    batch_size: int = help_field(1, "windows per forward pass")
+
+    def validate(self) -> None:
+        if self.window < 2:
+            self._fail("window", "must be at least 2")
+        if self.max_tokens < self.window:
+            self._fail("max_tokens", f"must be at least one window ({self.window})")
+        if self.batch_size < 1:
+            self._fail("batch_size", "must be at least 1")

@@ -1,0 +1,80 @@
+"""Held-out evaluation: perplexity, KL(teacher || student), top-1 agreement.
+
+Protocol (as in ``shared/data/wikitext-2/README.md``): the first ``max_tokens``
+tokens of the evaluation stream, cut into non-overlapping windows of ``window``
+tokens; each window predicts its ``window - 1`` next tokens; perplexity is
+``exp`` of the mean NLL over all predicted tokens. A trailing partial window of at
+least two tokens is evaluated too. Deterministic for a given thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def windows_of(stream: torch.Tensor, window: int, max_tokens: int) -> list[torch.Tensor]:
+    tokens = stream[:max_tokens]
+    n = tokens.numel() // window
+    out = list(tokens[: n * window].view(n, window)) if n else []
+    rest = tokens[n * window:]
+    if rest.numel() >= 2:
+        out.append(rest)
+    return out
+
+
+@torch.no_grad()
+def evaluate_stream(
+    model, stream: torch.Tensor, *, window: int = 512, max_tokens: int = 16384, batch_size: int = 1,
+    teacher=None, progress: Callable | None = None,
+) -> dict:
+    """Evaluate ``model`` on a 1-D token stream; compare with ``teacher`` if given."""
+    model.eval()
+    wins = windows_of(stream, window, max_tokens)
+    nll_sum = kl_sum = agree_sum = 0.0
+    count = 0
+    start = time.perf_counter()
+    bar = progress(total=len(wins), desc="evaluate", unit="win") if progress else None
+    groups: list[list[torch.Tensor]] = []
+    for w in wins:  # batch equal-length windows together
+        if groups and len(groups[-1]) < batch_size and groups[-1][0].numel() == w.numel():
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    try:
+        for group in groups:
+            ids = torch.stack(group)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            targets = ids[:, 1:]
+            logp = F.log_softmax(logits, dim=-1)
+            nll_sum += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            count += targets.numel()
+            if teacher is not None:
+                t_logp = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), dim=-1)
+                kl_sum += (t_logp.exp() * (t_logp - logp)).sum().item()
+                agree_sum += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            if bar:
+                bar.update(len(group))
+    finally:
+        if bar:
+            bar.close()
+    seconds = time.perf_counter() - start
+    nll = nll_sum / max(count, 1)
+    result = {
+        "perplexity": math.exp(nll),
+        "nll": nll,
+        "tokens": sum(w.numel() for w in wins),
+        "predicted_tokens": count,
+        "windows": len(wins),
+        "window": window,
+        "eval_seconds": seconds,
+        "tokens_per_second": sum(w.numel() for w in wins) / seconds if seconds > 0 else None,
+    }
+    if teacher is not None:
+        result["kl"] = kl_sum / max(count, 1)
+        result["top1_agreement"] = agree_sum / max(count, 1)
+    return result

@@ -1,0 +1,171 @@
+"""Loading models with torch: GGUF conversion (cached), HF folders, artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: everything is local
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+
+from .artifact import (  # noqa: E402
+    MANIFEST, atomic_write_json, make_manifest, read_artifact, staging_dir,
+)
+from .cache import cache_dir  # noqa: E402
+from .errors import UserError, one_line  # noqa: E402
+from .sources import SUPPORTED_MODEL_TYPES, SourceRef, check_model_type, source_id  # noqa: E402
+
+
+def _quiet_transformers(quiet: bool) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*legacy.*")
+
+
+def converted_dir(ref: SourceRef) -> Path:
+    return cache_dir() / "models" / source_id(ref)
+
+
+def model_folder(ref: SourceRef, *, quiet: bool = False, log=None) -> Path:
+    """A plain HF folder for the source, converting a GGUF once (cached by file hash)."""
+    if ref.kind != "gguf":
+        return ref.path
+    dest = converted_dir(ref)
+    if (dest / MANIFEST).is_file():
+        return dest
+    if log:
+        log(f"converting {ref.path.name} to an fp32 Hugging Face folder (once; cached in {dest})")
+    convert_gguf(ref.path, dest, source_id(ref), quiet=quiet)
+    return dest
+
+
+def convert_gguf(gguf_path: Path, dest: Path, artifact_id: str, *, quiet: bool = False) -> None:
+    """Dequantize a GGUF to fp32 and save a plain HF folder (safetensors, tokenizer).
+
+    A GGUF-loaded model cannot be saved as it is (its quantization config), so a plain
+    model is built from the config, given the state dict, and its weights re-tied.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers(quiet)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        src = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except Exception as exc:
+        raise UserError(f"cannot read GGUF {gguf_path}: {one_line(exc)}") from None
+    cfg = src.config.to_dict()
+    cfg.pop("quantization_config", None)
+    check_model_type(cfg.get("model_type"), gguf_path)
+    config = type(src.config).from_dict(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(src.state_dict(), assign=True, strict=True)
+    model.tie_weights()
+    model.generation_config = src.generation_config
+    fixes = _fix_special_tokens(tok, config)
+    with staging_dir(dest) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        manifest = make_manifest(
+            id=artifact_id, parent=None, pass_name="source", pass_version=1,
+            config={"origin": str(gguf_path), "format": "gguf", "dequantized_to": "float32"},
+            path=tmp, teacher=None, extra={"notes": fixes},
+        )
+        atomic_write_json(tmp / MANIFEST, manifest)
+
+
+def _fix_special_tokens(tok, config) -> list[str]:
+    """GGUF tokenizers can carry an EOS that disagrees with the model's (SmolLM2: the
+    GGUF says ``<|im_start|>``, the model ends turns with ``<|im_end|>``). The model's
+    ``eos_token_id`` wins, so generation stops and EOS is kept in training text."""
+    notes = []
+    eos_id = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    if eos_id is not None and tok.eos_token_id != eos_id:
+        old = tok.eos_token
+        tok.eos_token = tok.convert_ids_to_tokens(eos_id)
+        notes.append(f"tokenizer eos_token corrected from {old!r} to {tok.eos_token!r} (model eos_token_id)")
+    pad_id = getattr(config, "pad_token_id", None)
+    if tok.pad_token_id is None and pad_id is not None:
+        tok.pad_token = tok.convert_ids_to_tokens(pad_id)
+        notes.append(f"tokenizer pad_token set to {tok.pad_token!r} (model pad_token_id)")
+    return notes
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers(True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise UserError(f"cannot load tokenizer from {path}: {one_line(exc)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = True):
+    """Load a causal LM from a HF folder or artifact (safetensors only), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers(quiet)
+    path = Path(path)
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path / 'config.json'}: unreadable ({one_line(exc)})") from None
+    check_model_type(model_type, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True
+        )
+    except Exception as exc:
+        raise UserError(f"cannot load weights from {path}: {one_line(exc)}") from None
+    model.eval()
+    return model
+
+
+def load_source(ref: SourceRef, *, quiet: bool = True, log=None):
+    """(model, tokenizer, folder) for a resolved source."""
+    folder = model_folder(ref, quiet=quiet, log=log)
+    return load_model(folder, quiet=quiet), load_tokenizer(folder), folder
+
+
+def teacher_folder(artifact_path: Path) -> Path | None:
+    """Folder of the teacher recorded in an artifact's manifest (None if it is its own)."""
+    art = read_artifact(artifact_path)
+    teacher = art.teacher
+    if not teacher or teacher.get("id") == art.id:
+        return None
+    path = Path(teacher["path"])
+    if not (path / "config.json").is_file():
+        raise UserError(f"teacher of {artifact_path} not found at {path}")
+    return path
+
+
+def chat(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
+    """Greedy answer to one user message, with the model's chat template."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES", "chat", "convert_gguf", "load_model", "load_source",
+    "load_tokenizer", "model_folder", "teacher_folder",
+]

@@ -1,0 +1,147 @@
+"""Profiles: YAML files naming a target, data/evaluation settings and passes.
+
+```yaml
+description: one line
+target: {device: cpu, runtime: pytorch}
+data: {seq_len: 512}            # DataConfig fields
+evaluation: {max_tokens: 16384} # EvalConfig fields
+passes:
+  - name: distill
+    config: {steps: 100}
+```
+Overrides (``--set SECTION.KEY=VALUE``) address ``data``, ``evaluation`` or a pass
+by name. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config, DataConfig, EvalConfig, parse_override
+from .errors import UserError, one_line
+from .registry import PassSpec, get_pass
+
+TOP_LEVEL_KEYS = ("description", "target", "data", "evaluation", "passes")
+DEFAULT_PROFILE = "baseline"
+
+
+def profiles_dir() -> Path:
+    checkout = Path(__file__).resolve().parent.parent / "profiles"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files("compress.profiles")))
+
+
+def available_profiles() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(profiles_dir().glob("*.yaml"))}
+
+
+def profile_path(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"profile file not found: {name}")
+        return path
+    known = available_profiles()
+    if name not in known:
+        raise UserError(f"unknown profile {name!r}; available: {', '.join(known)} (or a path to a .yaml file)")
+    return known[name]
+
+
+@dataclass
+class Stage:
+    spec: PassSpec
+    config: Config
+
+
+@dataclass
+class Pipeline:
+    name: str
+    description: str
+    target: dict[str, Any]
+    data: DataConfig
+    evaluation: EvalConfig
+    stages: list[Stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.name,
+            "description": self.description,
+            "target": self.target,
+            "data": self.data.to_dict(),
+            "evaluation": self.evaluation.to_dict(),
+            "passes": [
+                {"name": s.spec.name, "version": s.spec.version, "config": s.config.to_dict()} for s in self.stages
+            ],
+        }
+
+
+def read_profile(name: str) -> tuple[str, dict[str, Any]]:
+    path = profile_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"profile {path}: unreadable ({one_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"profile {path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise UserError(f"profile {path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
+    return path.stem, raw
+
+
+def load_pipeline(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
+    pname, raw = read_profile(name)
+    passes_raw = raw.get("passes") or []
+    if not isinstance(passes_raw, list):
+        raise UserError(f"profile {pname}: 'passes' must be a list")
+    entries: list[tuple[PassSpec, dict[str, Any]]] = []
+    for i, item in enumerate(passes_raw):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item:
+            raise UserError(f"profile {pname}: passes[{i}] needs a 'name'")
+        extra = sorted(set(item) - {"name", "config"})
+        if extra:
+            raise UserError(f"profile {pname}: passes[{i}]: unknown key {extra[0]!r}; allowed keys: name, config")
+        entries.append((get_pass(str(item["name"])), dict(item.get("config") or {})))
+
+    data_raw = dict(raw.get("data") or {})
+    eval_raw = dict(raw.get("evaluation") or {})
+    names = [spec.name for spec, _ in entries]
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section == "data":
+            data_raw[key] = value
+        elif section == "evaluation":
+            eval_raw[key] = value
+        elif section in names:
+            if names.count(section) > 1:
+                raise UserError(f"override {text!r}: pass {section!r} appears more than once in profile {pname}")
+            entries[names.index(section)][1][key] = value
+        else:
+            allowed = ", ".join(["data", "evaluation", *dict.fromkeys(names)])
+            raise UserError(f"override {text!r}: unknown section {section!r}; this profile has: {allowed}")
+
+    stages = [Stage(spec, spec.config.from_dict(cfg, spec.name)) for spec, cfg in entries]
+    target = raw.get("target") or {}
+    if not isinstance(target, dict):
+        raise UserError(f"profile {pname}: 'target' must be a mapping")
+    return Pipeline(
+        name=pname,
+        description=str(raw.get("description", "")),
+        target=target,
+        data=DataConfig.from_dict(data_raw),
+        evaluation=EvalConfig.from_dict(eval_raw),
+        stages=stages,
+    )
+
+
+def describe(name: str) -> str:
+    path = profile_path(name)
+    return path.read_text()

@@ -1,0 +1,58 @@
+"""The run report: ``report.json`` (machine-readable) and ``report.md`` (a table)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .artifact import atomic_write_json, atomic_write_text
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.1f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# compress report — profile `{report['profile']}`",
+        "",
+        f"- model: {report['model']}",
+        f"- evaluation data: {report['evaluation']['data']} — first {report['evaluation']['max_tokens']} tokens, "
+        f"{report['evaluation']['window']}-token windows",
+        f"- training data: {report['training_data'] or 'not used'}",
+        f"- compress {report['tool_version']}, {report['created']}, total {report['total_seconds']:.1f} s",
+        "",
+        "| # | stage | parameters | weights MB | perplexity | × teacher | KL | top-1 agree | pass s | eval s | cached |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = report["stages"][0].get("perplexity") if report["stages"] else None
+    for s in report["stages"]:
+        ratio = s["perplexity"] / base if base and s.get("perplexity") else None
+        lines.append(
+            f"| {s['index']} | {s['name']} | {s['parameters']:,} | {_mb(s['weight_bytes'])} | "
+            f"{_fmt(s.get('perplexity'), '.3f')} | {_fmt(ratio, '.3f')} | {_fmt(s.get('kl'), '.4f')} | "
+            f"{_fmt(s.get('top1_agreement'), '.3f')} | {_fmt(s.get('pass_seconds'), '.1f')} | "
+            f"{_fmt(s.get('eval_seconds'), '.1f')} | {'yes' if s.get('cached') else 'no'} |"
+        )
+    notes = [n for s in report["stages"] for n in s.get("notes", [])]
+    if notes:
+        lines += ["", "Notes:"] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    atomic_write_json(Path(out) / "report.json", report)
+    atomic_write_text(Path(out) / "report.md", render_markdown(report))
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+__all__ = ["now", "render_markdown", "write_report", "__version__"]

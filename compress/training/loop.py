@@ -1,0 +1,255 @@
+"""One distillation/fine-tuning loop for every training pass.
+
+- losses: CE, forward KL, reverse KL and SquareHead from ``compress.ops.losses``,
+  weighted; the frozen teacher runs under ``no_grad``;
+- AdamW, linear warmup then cosine decay to ``min_lr_ratio``, gradient accumulation,
+  gradient clipping, optional bf16 autocast;
+- hooks: ``param_groups(model)`` shapes the optimizer, ``after_step(model, step)``
+  runs after every ``optimizer.step()`` (re-apply sparsity masks there);
+- checkpoints every ``checkpoint_every`` steps (trainable parameters, optimizer
+  state, step, loss history) that a resumed run continues from exactly;
+- device-agnostic through Hugging Face Accelerate: the same code runs on CPU, one
+  GPU, or several processes (``accelerate launch`` / ``torchrun``; gloo on CPU).
+  Each process takes its own slice of every global batch.
+
+The data order is a pure function of (seed, step), so a resumed run sees exactly
+the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..ops import losses
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    ce: float = 0.0
+    kl: float = 1.0
+    reverse_kl: float = 0.0
+    squarehead: float = 0.0
+    temperature: float = 1.0
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(w > 0 for w in (self.kl, self.reverse_kl, self.squarehead))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    batch_size: int = 4  # sequences per process per micro-step
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    bf16: bool = False
+    threads: int = 0  # 0: leave torch's default
+    loss: LossWeights = field(default_factory=LossWeights)
+
+
+@dataclass
+class Hooks:
+    param_groups: Callable[[torch.nn.Module], list[dict]] | None = None
+    after_step: Callable[[torch.nn.Module, int], None] | None = None
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the base LR for optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(step: int, micro: int, rank: int, settings: TrainSettings, world: int, n: int) -> torch.Tensor:
+    """Block indices of one process's micro-batch: a pure function of (seed, step)."""
+    per_step = settings.batch_size * world * settings.grad_accum
+    first = step * per_step + micro * settings.batch_size * world + rank * settings.batch_size
+    positions = torch.arange(first, first + settings.batch_size)
+    out = torch.empty_like(positions)
+    for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
+        sel = positions.div(n, rounding_mode="floor") == epoch
+        out[sel] = perm[positions[sel] % n]
+    return out
+
+
+def distillation_loss(weights: LossWeights, s_out, t_out, ids: torch.Tensor, mask: torch.Tensor | None):
+    parts: dict[str, torch.Tensor] = {}
+    if weights.ce > 0:
+        parts["ce"] = losses.cross_entropy(s_out.logits, ids, mask)
+    if weights.kl > 0:
+        parts["kl"] = losses.forward_kl(s_out.logits, t_out.logits, mask, weights.temperature)
+    if weights.reverse_kl > 0:
+        parts["reverse_kl"] = losses.reverse_kl(s_out.logits, t_out.logits, mask, weights.temperature)
+    if weights.squarehead > 0:
+        parts["squarehead"] = losses.squarehead(s_out.hidden_states[1:], t_out.hidden_states[1:], mask)
+    if not parts:
+        raise ValueError("every loss weight is zero")
+    total = sum(getattr(weights, k) * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(
+    student: torch.nn.Module, teacher: torch.nn.Module | None, blocks: torch.Tensor, settings: TrainSettings,
+    *, work_dir: Path, fingerprint: str = "", hooks: Hooks | None = None, progress: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train ``student`` in place on ``blocks`` (``(N, T)`` token ids); return a summary.
+
+    ``work_dir`` holds the checkpoint; one whose ``fingerprint`` differs is ignored.
+    """
+    from accelerate import Accelerator
+
+    hooks = hooks or Hooks()
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    if settings.loss.needs_teacher and teacher is None:
+        raise ValueError("these loss weights need a teacher")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    work_dir = Path(work_dir)
+    ckpt_path = work_dir / CHECKPOINT
+
+    student.train()
+    student.config.use_cache = False
+    groups = hooks.param_groups(student) if hooks.param_groups else [{"params": list(_trainable(student).values())}]
+    for g in groups:
+        g.setdefault("weight_decay", settings.weight_decay)
+        g["base_lr"] = g.get("lr", settings.lr)
+        g["lr"] = g["base_lr"]
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    start_step, history = 0, []
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") == fingerprint and state.get("world") == world:
+            params = _trainable(student)
+            with torch.no_grad():
+                for name, value in state["params"].items():
+                    params[name].copy_(value)
+            optimizer.load_state_dict(state["optimizer"])
+            start_step, history = int(state["step"]), list(state["history"])
+            if log and accelerator.is_main_process:
+                log(f"resuming from checkpoint at step {start_step}/{settings.steps}")
+
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+        teacher.to(device)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    unwrapped = accelerator.unwrap_model(student)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+    need_hidden = settings.loss.squarehead > 0
+    n = blocks.shape[0]
+    t0 = time.perf_counter()
+    tokens = 0
+    bar = None
+    if progress and accelerator.is_main_process:
+        bar = progress(total=settings.steps, initial=start_step, desc="train", unit="step")
+    try:
+        for step in range(start_step, settings.steps):
+            factor = lr_factor(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            step_loss, step_parts = 0.0, {}
+            for micro in range(settings.grad_accum):
+                ids = blocks[batch_indices(step, micro, rank, settings, world, n)].to(device)
+                sync = micro == settings.grad_accum - 1
+                ctx = accelerator.no_sync(student) if (world > 1 and not sync) else _null()
+                with ctx:
+                    with autocast:
+                        t_out = None
+                        if settings.loss.needs_teacher:
+                            with torch.no_grad():
+                                t_out = teacher(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
+                        s_out = student(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
+                    loss, parts = distillation_loss(settings.loss, s_out, t_out, ids, None)
+                    accelerator.backward(loss / settings.grad_accum)
+                step_loss += float(loss.detach()) / settings.grad_accum
+                for k, v in parts.items():
+                    step_parts[k] = step_parts.get(k, 0.0) + v / settings.grad_accum
+                tokens += ids.numel() * world
+            if settings.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if hooks.after_step:
+                hooks.after_step(unwrapped, step + 1)
+            if world > 1:
+                step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), "mean"))
+            history.append(step_loss)
+            if bar:
+                bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{v:.3f}" for k, v in step_parts.items()})
+                bar.update(1)
+            done = step + 1
+            if settings.checkpoint_every > 0 and done % settings.checkpoint_every == 0 and done < settings.steps:
+                _save_checkpoint(accelerator, unwrapped, optimizer, done, history, fingerprint, world, ckpt_path)
+    finally:
+        if bar:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    student = accelerator.unwrap_model(student)
+    student.eval()
+    accelerator.free_memory()
+    return {
+        "steps": settings.steps,
+        "resumed_from_step": start_step,
+        "loss_first": history[0] if history else None,
+        "loss_last": history[-1] if history else None,
+        "history": history,
+        "train_seconds": seconds,
+        "train_tokens_per_second": tokens / seconds if seconds > 0 and tokens else None,
+        "world_size": world,
+        "settings": {**asdict(settings)},
+    }
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_checkpoint(accelerator, model, optimizer, step, history, fingerprint, world, path: Path) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": step,
+            "params": {k: v.detach().cpu().clone() for k, v in _trainable(model).items()},
+            "optimizer": optimizer.state_dict(),
+            "history": list(history),
+            "fingerprint": fingerprint,
+            "world": world,
+        }
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+def clear_checkpoint(work_dir: Path) -> None:
+    (Path(work_dir) / CHECKPOINT).unlink(missing_ok=True)
