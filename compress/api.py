@@ -56,14 +56,15 @@ def plan(
     data: str | None = None, eval_data: str | None = None,
 ) -> Plan:
     """Resolve and validate everything a run needs, without loading a model."""
+    from .data import read_documents
+
     pipeline = load_pipeline(profile, overrides)
     source = resolve_source_ref(model)
-    return Plan(
-        pipeline=pipeline,
-        source=source,
-        data=user_data_spec(data, "train") if data else None,
-        eval_data=user_data_spec(eval_data, "eval") if eval_data else None,
-    )
+    specs = [user_data_spec(path, split) if path else None for path, split in ((data, "train"), (eval_data, "eval"))]
+    for spec in specs:
+        if spec is not None:
+            read_documents(spec)  # parse now: a bad line fails before anything is written
+    return Plan(pipeline=pipeline, source=source, data=specs[0], eval_data=specs[1])
 
 
 # ------------------------------------------------------------------------------ resources

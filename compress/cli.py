@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any, Callable, List, Optional
@@ -156,6 +157,10 @@ def passes_list(as_json: bool = typer.Option(False, "--json")) -> None:
             sys.stdout.write(f"    {k:<18} {v['default']!s:<10} {v['help']}\n")
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _fail(code: int, message: str) -> int:
     sys.stderr.write(f"error: {one_line(message)}\n")
     return code
@@ -164,9 +169,16 @@ def _fail(code: int, message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and maps every failure to one line and an exit code."""
     run: Callable = app
+    # Ctrl-C and SIGTERM become KeyboardInterrupt, even where the parent started us with
+    # SIGINT ignored (background jobs): temp folders are removed, finished stages and
+    # checkpoints stay, and a rerun resumes.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        run(args=argv, standalone_mode=False, prog_name="compress")
-        return 0
+        rv = run(args=argv, standalone_mode=False, prog_name="compress")
+        if rv == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
+            raise KeyboardInterrupt
+        return rv if isinstance(rv, int) else 0
     except CompressError as exc:
         return _fail(exc.exit_code, str(exc))
     except typer.Exit as exc:

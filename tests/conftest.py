@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Every test session gets its own cache unless COMPRESS_CACHE_DIR is set."""
+    if "COMPRESS_CACHE_DIR" not in os.environ:
+        os.environ["COMPRESS_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _no_files_in_cwd():
+    """Fail a test that writes into the working directory."""
+    before = set(os.listdir("."))
+    yield
+    created = set(os.listdir(".")) - before
+    assert not created, f"test wrote into the working directory: {sorted(created)}"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    from tiny import CORPUS
+
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``compress ARGS`` in a subprocess (the real entry point, exit codes and streams)."""
+    return subprocess.run(
+        [sys.executable, "-m", "compress", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli

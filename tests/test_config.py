@@ -1,0 +1,84 @@
+import pytest
+
+from compress.config import Config, DataConfig, EvalConfig, parse_override
+from compress.errors import UserError
+from compress.profiles import available_profiles, load_pipeline
+from compress.registry import get_pass, list_passes, register_pass
+
+ALL_CONFIGS = [DataConfig, EvalConfig] + [s.config for s in list_passes()]
+
+
+@pytest.mark.parametrize("cls", ALL_CONFIGS, ids=lambda c: c.__name__)
+def test_round_trip_and_canonical_json(cls):
+    cfg = cls()
+    again = cls.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert again.canonical_json() == cfg.canonical_json()
+    typed = cfg.to_typed_dict()
+    assert typed["type"] == cls.__name__ and typed["version"] == cls.VERSION
+
+
+@pytest.mark.parametrize("cls", ALL_CONFIGS, ids=lambda c: c.__name__)
+def test_unknown_key_is_rejected_with_allowed_keys(cls):
+    with pytest.raises(UserError) as e:
+        cls.from_dict({"no_such_key": 1})
+    msg = str(e.value)
+    assert "'no_such_key'" in msg and cls.field_names()[0] in msg
+
+
+def test_every_field_is_documented():
+    for cls in ALL_CONFIGS:
+        assert all(h for h in cls.field_help().values()), cls.__name__
+
+
+def test_string_values_are_coerced_and_checked():
+    cfg = get_pass("distill").config.from_dict({"lr": "1e-4", "steps": "12", "bf16": "OFF"})
+    assert cfg.lr == 1e-4 and cfg.steps == 12 and cfg.bf16 == "off"
+    with pytest.raises(UserError, match="expected an integer"):
+        get_pass("distill").config.from_dict({"steps": "many"})
+    with pytest.raises(UserError, match="expected one of"):
+        get_pass("distill").config.from_dict({"bf16": "maybe"})
+    with pytest.raises(UserError, match="must be at least 1"):
+        get_pass("distill").config.from_dict({"steps": 0})
+    with pytest.raises(UserError, match="expected an integer"):
+        EvalConfig.from_dict({"window": True})
+
+
+def test_parse_override():
+    assert parse_override("distill.lr=1e-4") == ("distill", "lr", "1e-4")
+    assert parse_override("evaluation.window=256") == ("evaluation", "window", 256)
+    for bad in ("distill.lr", "lr=1", "a.b.c=1", ".x=1"):
+        with pytest.raises(UserError):
+            parse_override(bad)
+
+
+def test_profile_overrides_apply_and_reject(tmp_path):
+    prof = tmp_path / "p.yaml"
+    prof.write_text("description: t\npasses:\n  - name: distill\n    config: {steps: 3}\n")
+    pipe = load_pipeline(str(prof), ["distill.steps=7", "evaluation.window=64", "data.seq_len=32"])
+    assert pipe.stages[0].config.steps == 7 and pipe.evaluation.window == 64 and pipe.data.seq_len == 32
+    with pytest.raises(UserError, match="unknown section 'quantize'"):
+        load_pipeline(str(prof), ["quantize.bits=4"])
+    with pytest.raises(UserError, match="unknown key 'stepz'"):
+        load_pipeline(str(prof), ["distill.stepz=4"])
+    prof.write_text("passes: [{name: nope}]\n")
+    with pytest.raises(UserError, match="unknown pass 'nope'"):
+        load_pipeline(str(prof))
+    prof.write_text("pases: []\n")
+    with pytest.raises(UserError, match="unknown key 'pases'"):
+        load_pipeline(str(prof))
+
+
+def test_shipped_profiles_resolve():
+    assert "baseline" in available_profiles()
+    for name in available_profiles():
+        load_pipeline(name)
+
+
+def test_registry_rejects_duplicates_and_bad_names():
+    with pytest.raises(ValueError, match="already registered"):
+        register_pass("distill", config=Config, entry="x:y", summary="")
+    with pytest.raises(ValueError, match="lowercase"):
+        register_pass("Bad-Name", config=Config, entry="x:y", summary="")
+    with pytest.raises(UserError, match="unknown pass"):
+        get_pass("nope")

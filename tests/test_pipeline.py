@@ -1,0 +1,106 @@
+"""The pipeline on the tiny model: artifacts, ids, caching, reports, evaluation."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import api
+from compress.artifact import compute_id, count_parameters, read_artifact, staging_dir
+
+PROFILE = str(Path(__file__).parent / "profiles" / "distill-tiny.yaml")
+
+
+def _run(tiny_dir, tiny_text, out, *overrides):
+    p = api.plan(str(tiny_dir), PROFILE, list(overrides), data=str(tiny_text), eval_data=str(tiny_text))
+    return api.run(p, out, quiet=True)
+
+
+def test_artifact_id_is_stable_and_sensitive():
+    a = compute_id("p", "distill", '{"lr":1}', 1)
+    assert a == compute_id("p", "distill", '{"lr":1}', 1)
+    assert len({a, compute_id("q", "distill", '{"lr":1}', 1), compute_id("p", "distill", '{"lr":2}', 1),
+                compute_id("p", "distill", '{"lr":1}', 2), compute_id("p", "distill", '{"lr":1}', 1, "data=x")}) == 5
+
+
+def test_staging_dir_leaves_nothing_on_error(tmp_path):
+    final = tmp_path / "art"
+    with pytest.raises(RuntimeError):
+        with staging_dir(final) as tmp:
+            (tmp / "x").write_text("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_report_rerun_is_cache_hit(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    rep = _run(tiny_dir, tiny_text, out)
+    first = time.perf_counter() - t0
+    assert [s["name"] for s in rep["stages"]] == ["00-source", "01-distill"]
+    src, dst = rep["stages"]
+    assert src["kl"] == 0.0 and src["top1_agreement"] == 1.0
+    assert dst["kl"] > 0 and 0 <= dst["top1_agreement"] <= 1
+    assert src["parameters"] == dst["parameters"] == count_parameters(tiny_dir)
+    assert json.loads((out / "report.json").read_text())["final_stage"]["path"] == "stages/01-distill"
+    assert "| 1 | 01-distill |" in (out / "report.md").read_text()
+    man = read_artifact(out / "stages" / "01-distill").manifest
+    assert man["parent"] == src["id"] and man["teacher"]["id"] == src["id"] and man["pass"] == "distill"
+    assert man["config"]["steps"] == 6 and len(man["metrics"]["train"]["history"]) == 6
+    assert not (out / ".work" / dst["id"]).exists()  # checkpoints are removed once the stage is committed
+
+    t0 = time.perf_counter()
+    again = _run(tiny_dir, tiny_text, out)
+    assert time.perf_counter() - t0 < 0.5 * first
+    assert all(s["cached"] for s in again["stages"])
+    assert [s["id"] for s in again["stages"]] == [s["id"] for s in rep["stages"]]
+    assert again["stages"][1]["perplexity"] == dst["perplexity"]
+
+
+def test_changed_config_reruns_only_changed_stage(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "run"
+    rep = _run(tiny_dir, tiny_text, out)
+    rep2 = _run(tiny_dir, tiny_text, out, "distill.steps=4")
+    assert rep2["stages"][0]["cached"] and not rep2["stages"][1]["cached"]
+    assert rep2["stages"][1]["id"] != rep["stages"][1]["id"]
+    assert read_artifact(out / "stages" / "01-distill").manifest["config"]["steps"] == 4
+
+
+def test_training_data_is_part_of_the_id(tiny_dir, tiny_text, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(tiny_text.read_text()[::-1])
+    a = api.plan(str(tiny_dir), PROFILE, data=str(tiny_text), eval_data=str(tiny_text))
+    b = api.plan(str(tiny_dir), PROFILE, data=str(other), eval_data=str(tiny_text))
+    ra = api.run(a, tmp_path / "a", quiet=True)
+    rb = api.run(b, tmp_path / "b", quiet=True)
+    assert ra["stages"][1]["id"] != rb["stages"][1]["id"]
+
+
+def test_run_is_deterministic(tiny_dir, tiny_text, tmp_path):
+    a = _run(tiny_dir, tiny_text, tmp_path / "a")
+    b = _run(tiny_dir, tiny_text, tmp_path / "b")
+    assert a["stages"][1]["perplexity"] == b["stages"][1]["perplexity"]
+    from safetensors.torch import load_file
+
+    ta = load_file(tmp_path / "a" / "stages" / "01-distill" / "model.safetensors")
+    tb = load_file(tmp_path / "b" / "stages" / "01-distill" / "model.safetensors")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_distilled_model_reloads_and_keeps_tied_weights(tiny_dir, tiny_text, tmp_path):
+    from compress.models import load_model
+
+    _run(tiny_dir, tiny_text, tmp_path / "r")
+    m = load_model(tmp_path / "r" / "stages" / "01-distill")
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    assert m.config.head_dim == 16
+
+
+def test_eval_api_reads_run_folder_and_uses_recorded_teacher(tiny_dir, tiny_text, tmp_path):
+    rep = _run(tiny_dir, tiny_text, tmp_path / "r")
+    res = api.evaluate(str(tmp_path / "r"), str(tiny_text), max_tokens=512, window=64, quiet=True)
+    assert res["perplexity"] == pytest.approx(rep["stages"][1]["perplexity"], rel=1e-9)
+    assert res["kl"] == pytest.approx(rep["stages"][1]["kl"], rel=1e-9)
+    assert res["teacher"] is not None
