@@ -202,6 +202,7 @@ def generate_answers(model, tokenizer, prompts: list[str], cfg: DataConfig, prog
     try:
         for batch in batches:
             enc = tokenizer([rendered[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
             kwargs: dict[str, Any] = dict(do_sample=False)
             if cfg.temperature > 0:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))

@@ -10,7 +10,9 @@
   state, step, loss history) that a resumed run continues from exactly;
 - device-agnostic through Hugging Face Accelerate: the same code runs on CPU, one
   GPU, or several processes (``accelerate launch`` / ``torchrun``; gloo on CPU).
-  Each process takes its own slice of every global batch.
+  Each process takes its own slice of every global batch. Token-mean losses (CE,
+  KL) then equal the single-process loss on the global batch; SquareHead, a ratio
+  of means, is normalized per process batch, as in the authors' multi-GPU runs.
 
 The data order is a pure function of (seed, step), so a resumed run sees exactly
 the batches the uninterrupted run would have.

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from compress.config import DataConfig
+from compress.data import (
+    ensure_self_data, pack_blocks, read_documents, self_data_spec, token_stream, tokenize_document, user_data_spec,
+)
+from compress.errors import UserError
+from compress.models import load_model, load_tokenizer
+from compress.prompts import prompt_set, split_prompts
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_dir):
+    return load_tokenizer(tiny_dir)
+
+
+def test_jsonl_text_and_messages_and_folder(tmp_path, tok):
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("plain text here")
+    (d / "sub" / "b.jsonl").write_text(
+        json.dumps({"text": "row text"}) + "\n\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+    )
+    (d / "ignored.bin").write_bytes(b"\x00")
+    docs = read_documents(user_data_spec(d, "train"))
+    assert docs[0] == "plain text here" and docs[1] == "row text" and isinstance(docs[2], list)
+    ids = tokenize_document(docs[2], tok)
+    assert ids[-2:] == tok("<|im_end|>\n", add_special_tokens=False)["input_ids"][-2:]  # EOS kept
+    assert tok.eos_token_id in ids
+
+
+def test_unfinished_answers_do_not_end_with_eos(tok):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "cut off", "unfinished": True}]
+    ids = tokenize_document(msgs, tok)
+    assert ids.count(tok.eos_token_id) == 1  # only the user turn's end
+    assert tok.decode(ids).endswith("cut off")
+
+
+def test_bad_jsonl_lines_name_the_line(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"text": "a"}\n{"foo": 1}\n')
+    with pytest.raises(UserError, match=r"x.jsonl:2: expected an object"):
+        read_documents(user_data_spec(f, "train"))
+    f.write_text('{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(UserError, match="x.jsonl:1"):
+        read_documents(user_data_spec(f, "train"))
+
+
+def test_fingerprint_follows_content(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("one")
+    a = user_data_spec(f, "train").fingerprint
+    f.write_text("two")
+    assert user_data_spec(f, "train").fingerprint != a
+
+
+def test_stream_and_packing(tok):
+    stream = token_stream(["aaa bbb", "ccc"], tok)
+    assert tok.eos_token_id in stream.tolist()  # documents separated by EOS
+    blocks = pack_blocks(torch.arange(103), 10)
+    assert blocks.shape == (10, 10) and torch.equal(blocks.flatten(), torch.arange(100))
+    with pytest.raises(UserError, match="fewer than one block"):
+        pack_blocks(torch.arange(5), 10)
+
+
+def test_prompt_set_split_is_disjoint_and_stable():
+    train, held = split_prompts(10_000, 10_000)
+    assert not set(train) & set(held)
+    assert len(train) + len(held) == len(prompt_set()) and len(held) >= 32
+    assert split_prompts(5, 3) == (train[:5], held[:3])
+    assert "What is the capital of France?" not in prompt_set()
+
+
+def test_self_data_is_generated_once_and_cached(tiny_dir, tok):
+    cfg = DataConfig(num_prompts=5, eval_prompts=3, max_new_tokens=8, generation_batch_size=2)
+    spec = self_data_spec("tiny", cfg, "eval")
+    assert spec.fingerprint != self_data_spec("tiny", cfg, "train").fingerprint
+    assert spec.fingerprint != self_data_spec("tiny", cfg.replace(max_new_tokens=9), "eval").fingerprint
+    path = ensure_self_data(spec, cfg, load_model(tiny_dir), tok)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert 1 <= len(rows) <= 3
+    assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in rows)
+    held = split_prompts(5, 3)[1]
+    assert {r["messages"][0]["content"] for r in rows} <= set(held)
+    mtime = path.stat().st_mtime_ns
+    ensure_self_data(spec, cfg, None, tok)  # no model needed: cache hit
+    assert path.stat().st_mtime_ns == mtime
+    assert len(read_documents(spec)) == len(rows)
