@@ -65,7 +65,7 @@ def main() -> int:
     result = {
         "benchmark": "baseline",
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/baseline.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/baseline.py", *sys.argv[1:]]),
         "machine": {
             "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,

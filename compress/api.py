@@ -154,9 +154,11 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         res.folder()  # converts / validates before anything is written to `out`
     created = not out.exists()
     committed = False
+    lock = None
     try:
         with os_errors(out):
             out.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out)
         remove_stale_temps(out / STAGES)
         atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(p.to_dict(), sort_keys=False))
         records = []
@@ -190,6 +192,22 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         if created and not committed:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _lock(out: Path):
+    """An exclusive lock on ``out`` for the duration of the run (two runs must not interleave)."""
+    import fcntl
+
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(f"another compress run is writing to {out}") from None
+    return handle
 
 
 def _write_source_stage(d: Path, src_id: str, source: SourceRef, res: Resources) -> None:
@@ -283,6 +301,7 @@ def _stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool) -
         "path": str(d.relative_to(out)),
         "parameters": count_parameters(d),
         "weight_bytes": weight_bytes(d),
+        "disk_bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
         "perplexity": metrics.get("perplexity"),
         "kl": metrics.get("kl"),
         "top1_agreement": metrics.get("top1_agreement"),
@@ -295,10 +314,12 @@ def _stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool) -
 
 
 def _remove_other_stages(out: Path, keep: list[Path]) -> None:
+    """Drop stages and checkpoints that belong to no stage of the pipeline just run."""
     names = {d.name for d in keep}
     for p in (out / STAGES).iterdir():
         if p.is_dir() and not p.name.startswith(".") and p.name not in names:
             shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(out / WORK, ignore_errors=True)  # every stage is committed: no checkpoint is needed
 
 
 # ------------------------------------------------------------------------------- evaluate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -55,11 +56,15 @@ def convert_gguf(gguf_path: Path, dest: Path, artifact_id: str, *, quiet: bool =
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers(quiet)
+    # transformers' GGUF reader draws its own tqdm bar on stderr: hide it under --quiet
     try:
-        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        src = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        with open(os.devnull, "w") as devnull, (
+            contextlib.redirect_stderr(devnull) if quiet else contextlib.nullcontext()
+        ):
+            tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            src = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
     except Exception as exc:
         raise UserError(f"cannot read GGUF {gguf_path}: {one_line(exc)}") from None
     cfg = src.config.to_dict()
@@ -74,7 +79,7 @@ def convert_gguf(gguf_path: Path, dest: Path, artifact_id: str, *, quiet: bool =
     fixes = _fix_special_tokens(tok, config)
     with staging_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        tok.save_pretrained(tmp, legacy_format=False)  # tokenizer.json only (no 98 MB slow vocab)
         manifest = make_manifest(
             id=artifact_id, parent=None, pass_name="source", pass_version=1,
             config={"origin": str(gguf_path), "format": "gguf", "dequantized_to": "float32"},

@@ -28,14 +28,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- training data: {report['training_data'] or 'not used'}",
         f"- compress {report['tool_version']}, {report['created']}, total {report['total_seconds']:.1f} s",
         "",
-        "| # | stage | parameters | weights MB | perplexity | × teacher | KL | top-1 agree | pass s | eval s | cached |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | stage | parameters | weights MB | on disk MB | perplexity | × teacher | KL | top-1 agree | pass s | eval s | cached |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = report["stages"][0].get("perplexity") if report["stages"] else None
     for s in report["stages"]:
         ratio = s["perplexity"] / base if base and s.get("perplexity") else None
         lines.append(
-            f"| {s['index']} | {s['name']} | {s['parameters']:,} | {_mb(s['weight_bytes'])} | "
+            f"| {s['index']} | {s['name']} | {s['parameters']:,} | {_mb(s['weight_bytes'])} | {_mb(s.get('disk_bytes'))} | "
             f"{_fmt(s.get('perplexity'), '.3f')} | {_fmt(ratio, '.3f')} | {_fmt(s.get('kl'), '.4f')} | "
             f"{_fmt(s.get('top1_agreement'), '.3f')} | {_fmt(s.get('pass_seconds'), '.1f')} | "
             f"{_fmt(s.get('eval_seconds'), '.1f')} | {'yes' if s.get('cached') else 'no'} |"

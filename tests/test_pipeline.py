@@ -104,3 +104,28 @@ def test_eval_api_reads_run_folder_and_uses_recorded_teacher(tiny_dir, tiny_text
     assert res["perplexity"] == pytest.approx(rep["stages"][1]["perplexity"], rel=1e-9)
     assert res["kl"] == pytest.approx(rep["stages"][1]["kl"], rel=1e-9)
     assert res["teacher"] is not None
+
+
+def test_example_script_runs(tiny_dir, tiny_text, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "evaluate_and_distill.py"
+    proc = subprocess.run([sys.executable, str(script), str(tiny_dir), str(tiny_text), str(tmp_path / "ex")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "01-distill" in proc.stdout and (tmp_path / "ex" / "report.json").is_file()
+
+
+def test_concurrent_run_into_same_folder_is_refused(tiny_dir, tiny_text, tmp_path):
+    import fcntl
+
+    from compress.errors import UserError
+
+    out = tmp_path / "run"
+    _run(tiny_dir, tiny_text, out)
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another compress run"):
+            _run(tiny_dir, tiny_text, out)
+    assert _run(tiny_dir, tiny_text, out)["stages"][1]["cached"]
