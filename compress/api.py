@@ -23,7 +23,7 @@ from .artifact import (
     staging_dir, weight_bytes,
 )
 from .config import DataConfig, EvalConfig
-from .data import DataSpec, self_data_spec, user_data_spec
+from .data import DataSpec, read_documents, self_data_spec, user_data_spec
 from .errors import UserError
 from .profiles import DEFAULT_PROFILE, Pipeline, load_pipeline
 from .report import now, write_report
@@ -56,8 +56,6 @@ def plan(
     data: str | None = None, eval_data: str | None = None,
 ) -> Plan:
     """Resolve and validate everything a run needs, without loading a model."""
-    from .data import read_documents
-
     pipeline = load_pipeline(profile, overrides)
     source = resolve_source_ref(model)
     specs = [user_data_spec(path, split) if path else None for path, split in ((data, "train"), (eval_data, "eval"))]
@@ -78,6 +76,7 @@ class Resources:
         self._folder: Path | None = None
         self._teacher = None
         self._tokenizer = None
+        self._streams: dict[tuple[str, int | None], Any] = {}
 
     def folder(self) -> Path:
         if self._folder is None:
@@ -102,11 +101,15 @@ class Resources:
         return self._tokenizer
 
     def stream(self, spec: DataSpec, max_tokens: int | None = None):
-        from .data import ensure_self_data, read_documents, token_stream
+        """Token stream of a data source, tokenized once per run (every stage shares it)."""
+        from .data import ensure_self_data, token_stream
 
-        if spec.kind == "self":
-            ensure_self_data(spec, self.data_cfg, self.teacher(), self.tokenizer(), self.ui.progress)
-        return token_stream(read_documents(spec), self.tokenizer(), max_tokens)
+        key = (spec.fingerprint, max_tokens)
+        if key not in self._streams:
+            if spec.kind == "self":
+                ensure_self_data(spec, self.data_cfg, self.teacher(), self.tokenizer(), self.ui.progress)
+            self._streams[key] = token_stream(read_documents(spec), self.tokenizer(), max_tokens)
+        return self._streams[key]
 
 
 # ------------------------------------------------------------------------------------ run

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .artifact import atomic_write_json, atomic_write_text
 
 
@@ -55,4 +54,4 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-__all__ = ["now", "render_markdown", "write_report", "__version__"]
+__all__ = ["now", "render_markdown", "write_report"]

@@ -1,7 +1,6 @@
 """The command line: every bad input ends with exit 2, one line, no traceback, no output folder."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

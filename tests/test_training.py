@@ -1,10 +1,8 @@
 """The shared training loop: schedule, hooks, determinism, resume."""
 
-import math
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
