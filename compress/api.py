@@ -24,6 +24,7 @@ from .artifact import (
 )
 from .config import DataConfig, EvalConfig
 from .data import DataSpec, read_documents, self_data_spec, user_data_spec
+from .distributed import Ranks
 from .errors import UserError
 from .profiles import DEFAULT_PROFILE, Pipeline, load_pipeline
 from .report import now, write_report
@@ -131,10 +132,16 @@ def _stage_is(path: Path, artifact_id: str) -> bool:
         return False
 
 
-def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any]:
-    """Run the plan into ``out``; finished stages (same id) are reused, not redone."""
+def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | None:
+    """Run the plan into ``out``; finished stages (same id) are reused, not redone.
+
+    Under ``accelerate launch``/``torchrun`` every rank calls this; rank 0 writes everything
+    and returns the report, the other ranks join the training passes and return None.
+    """
     out = Path(out)
-    ui = UI(quiet)
+    ranks = Ranks.from_env()
+    ranks.init()
+    ui = UI(quiet or not ranks.is_main)
     started = time.perf_counter()
     _check_out_dir(out)
     pipe = p.pipeline
@@ -153,29 +160,36 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any]:
     eval_key = hash_parts(eval_spec.fingerprint, pipe.evaluation.canonical_json(), src_id)
 
     res = Resources(p.source, pipe.data, ui)
-    if not _stage_is(dirs[0], src_id):
+    if ranks.is_main and not _stage_is(dirs[0], src_id):
         res.folder()  # converts / validates before anything is written to `out`
     created = not out.exists()
     committed = False
     lock = None
     try:
-        with os_errors(out):
-            out.mkdir(parents=True, exist_ok=True)
-        lock = _lock(out)
-        remove_stale_temps(out / STAGES)
-        atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(p.to_dict(), sort_keys=False))
+        if ranks.is_main:
+            with os_errors(out):
+                out.mkdir(parents=True, exist_ok=True)
+            lock = _lock(out)
+            remove_stale_temps(out / STAGES)
+            atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(p.to_dict(), sort_keys=False))
         records = []
         teacher_ref = {"id": src_id, "path": str(dirs[0].resolve())}
         for i, d in enumerate(dirs):
             cached = _stage_is(d, ids[i])
             if not cached:
                 if i == 0:
-                    _write_source_stage(d, src_id, p.source, res)
+                    if ranks.is_main:
+                        _write_source_stage(d, src_id, p.source, res)
                 else:
-                    _run_pass(pipe.stages[i - 1], read_artifact(dirs[i - 1]), d, ids[i], teacher_ref, res, train_spec, out, ui)
+                    _run_pass(pipe.stages[i - 1], read_artifact(dirs[i - 1]), d, ids[i], teacher_ref, res,
+                              train_spec, out, ui, ranks)
+            ranks.barrier()  # the stage is committed before any rank reads it
             committed = True
-            metrics = _stage_metrics(d, i, eval_key, eval_spec, pipe.evaluation, res, ui)
-            records.append(_stage_record(out, d, i, metrics, cached))
+            if ranks.is_main:
+                metrics = _stage_metrics(d, i, eval_key, eval_spec, pipe.evaluation, res, ui)
+                records.append(_stage_record(out, d, i, metrics, cached))
+        if not ranks.is_main:
+            return None
         _remove_other_stages(out, dirs)
         report = {
             "tool_version": __version__,
@@ -185,6 +199,7 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any]:
             "source_id": src_id,
             "evaluation": {"data": eval_spec.label, **pipe.evaluation.to_dict()},
             "training_data": train_spec.label if train_spec else None,
+            "processes": ranks.world,
             "stages": records,
             "final_stage": {"path": records[-1]["path"], "id": records[-1]["id"]},
             "total_seconds": time.perf_counter() - started,
@@ -192,7 +207,7 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any]:
         write_report(out, report)
         return report
     except BaseException:
-        if created and not committed:
+        if ranks.is_main and created and not committed:
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
@@ -234,7 +249,7 @@ def _write_source_stage(d: Path, src_id: str, source: SourceRef, res: Resources)
 
 
 def _run_pass(stage, parent: Artifact, d: Path, artifact_id: str, teacher_ref: dict, res: Resources,
-              train_spec: DataSpec | None, out: Path, ui: UI) -> None:
+              train_spec: DataSpec | None, out: Path, ui: UI, ranks: Ranks) -> None:
     from .context import PassContext
 
     spec, cfg = stage.spec, stage.config
@@ -245,7 +260,23 @@ def _run_pass(stage, parent: Artifact, d: Path, artifact_id: str, teacher_ref: d
     def blocks():
         from .data import pack_blocks
 
-        return pack_blocks(res.stream(train_spec), res.data_cfg.seq_len)
+        if ranks.is_main:  # rank 0 writes self-generated data; the others read it after
+            stream = res.stream(train_spec)
+        ranks.barrier()
+        if not ranks.is_main:
+            stream = res.stream(train_spec)
+        return pack_blocks(stream, res.data_cfg.seq_len)
+
+    if not ranks.is_main:  # other ranks train along; what they write is thrown away
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = PassContext(
+                artifact_id=artifact_id, out_dir=Path(tmp), work_dir=work, teacher_path=Path(teacher_ref["path"]),
+                load_teacher=res.teacher, training_blocks=blocks, progress=None, log=ui.log,
+            )
+            spec.load()(parent, cfg, ctx)
+        return
 
     t0 = time.perf_counter()
     with staging_dir(d) as tmp:

@@ -60,6 +60,8 @@ def model_cmd(
             sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False))
         return
     report = api.run(p, out, quiet=quiet)
+    if report is None:  # not rank 0 of a multi-process run: rank 0 reports
+        return
     if as_json:
         _emit_json(report)
     else:

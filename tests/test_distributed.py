@@ -27,3 +27,33 @@ def test_two_processes_match_one(tmp_path):
     assert b["history"] == pytest.approx(a["history"], rel=1e-5)
     for k in a["state"]:
         torch.testing.assert_close(b["state"][k], a["state"][k], atol=2e-4, rtol=0)
+
+
+def test_cli_pipeline_under_torchrun_matches_one_process(tiny_dir, tiny_text, tmp_path):
+    """`torchrun -m compress model ...`: rank 0 writes, both ranks train; same model as 1 process."""
+    import json
+
+    from safetensors.torch import load_file
+
+    profile = str(Path(__file__).parent / "profiles" / "distill-tiny.yaml")
+    common = ["model", str(tiny_dir), "--profile", profile, "--data", str(tiny_text), "--eval-data", str(tiny_text),
+              "--set", "distill.squarehead=0", "--quiet", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "compress",
+         *common, "--set", "distill.batch_size=1", "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    report = json.loads(two.stdout)  # only rank 0 prints
+    assert report["processes"] == 2 and report["stages"][-1]["name"] == "01-distill"
+    one = subprocess.run([sys.executable, "-m", "compress", *common, "--set", "distill.batch_size=2", "--out",
+                          str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "stages" / "01-distill" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "stages" / "01-distill" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=0)
+    assert not (tmp_path / "two" / ".work").exists()
+    man = json.loads((tmp_path / "two" / "stages" / "01-distill" / "manifest.json").read_text())
+    assert man["metrics"]["train"]["world_size"] == 2  # really trained as two processes
