@@ -143,7 +143,8 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
     ranks.init()
     ui = UI(quiet or not ranks.is_main)
     started = time.perf_counter()
-    _check_out_dir(out)
+    if ranks.is_main:  # the other ranks could see rank 0's half-made folder
+        _check_out_dir(out)
     pipe = p.pipeline
     src_id = source_id(p.source)
     eval_spec = p.eval_data or self_data_spec(src_id, pipe.data, "eval")
