@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,24 +269,17 @@ def _run_pass(stage, parent: Artifact, d: Path, artifact_id: str, teacher_ref: d
             stream = res.stream(train_spec)
         return pack_blocks(stream, res.data_cfg.seq_len)
 
-    if not ranks.is_main:  # other ranks train along; what they write is thrown away
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            ctx = PassContext(
-                artifact_id=artifact_id, out_dir=Path(tmp), work_dir=work, teacher_path=Path(teacher_ref["path"]),
-                load_teacher=res.teacher, training_blocks=blocks, progress=None, log=ui.log,
-            )
-            spec.load()(parent, cfg, ctx)
-        return
-
     t0 = time.perf_counter()
-    with staging_dir(d) as tmp:
+    # rank 0 commits the stage; other ranks train along and what they write is thrown away
+    target = staging_dir(d) if ranks.is_main else tempfile.TemporaryDirectory()
+    with target as tmp:
         ctx = PassContext(
-            artifact_id=artifact_id, out_dir=tmp, work_dir=work, teacher_path=Path(teacher_ref["path"]),
+            artifact_id=artifact_id, out_dir=Path(tmp), work_dir=work, teacher_path=Path(teacher_ref["path"]),
             load_teacher=res.teacher, training_blocks=blocks, progress=ui.progress, log=ui.log,
         )
         extra = spec.load()(parent, cfg, ctx) or {}
+        if not ranks.is_main:
+            return
         manifest = make_manifest(
             id=artifact_id, parent=parent.id, pass_name=spec.name, pass_version=spec.version,
             config=cfg.to_dict(), path=tmp, teacher=teacher_ref,
