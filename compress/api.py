@@ -60,6 +60,9 @@ def plan(
     """Resolve and validate everything a run needs, without loading a model."""
     pipeline = load_pipeline(profile, overrides)
     source = resolve_source_ref(model)
+    if source.kind == "onnx" or (source.kind == "artifact" and (source.path / "genai_config.json").is_file()):
+        raise UserError(f"{source.label} is an ONNX export; a pipeline starts from a PyTorch/GGUF model "
+                        "(profile or evaluate the export with `compress profile` / `compress eval`)")
     specs = [user_data_spec(path, split) if path else None for path, split in ((data, "train"), (eval_data, "eval"))]
     for spec in specs:
         if spec is not None:
@@ -188,8 +191,12 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
             ranks.barrier()  # the stage is committed before any rank reads it
             committed = True
             if ranks.is_main:
-                metrics = _stage_metrics(d, i, eval_key, eval_spec, pipe.evaluation, res, ui)
-                records.append(_stage_record(out, d, i, metrics, cached))
+                if i and not pipe.stages[i - 1].spec.changes_model:
+                    # the same model as the stage before: its evaluation stands, nothing is re-run
+                    metrics = {**records[-1]["metrics"], "eval_seconds": None}
+                else:
+                    metrics = _stage_metrics(d, i, eval_key, eval_spec, pipe.evaluation, res, ui)
+                records.append(_stage_record(out, d, i, metrics, cached, records[-1] if records else None))
         if not ranks.is_main:
             return None
         _remove_other_stages(out, dirs)
@@ -284,6 +291,7 @@ def _run_pass(stage, parent: Artifact, d: Path, artifact_id: str, teacher_ref: d
             id=artifact_id, parent=parent.id, pass_name=spec.name, pass_version=spec.version,
             config=cfg.to_dict(), path=tmp, teacher=teacher_ref,
             extra={
+                "format": spec.output_format or parent.manifest.get("format", "hf"),
                 "metrics": {**extra, "pass_seconds": time.perf_counter() - t0},
                 "data": train_spec.label if (spec.needs_data and train_spec) else None,
             },
@@ -301,7 +309,6 @@ def _stage_metrics(d: Path, index: int, key: str, spec: DataSpec, ecfg: EvalConf
     if key in stored:
         return stored[key]
     from .evaluation import evaluate_stream
-    from .models import load_model
 
     stream = res.stream(spec, ecfg.max_tokens)
     ui.log(f"[{d.name}] evaluating on {min(stream.numel(), ecfg.max_tokens)} tokens")
@@ -310,7 +317,7 @@ def _stage_metrics(d: Path, index: int, key: str, spec: DataSpec, ecfg: EvalConf
                                  batch_size=ecfg.batch_size, progress=ui.progress)
         result.update(kl=0.0, top1_agreement=1.0)
     else:
-        model = load_model(d)
+        model = load_for_eval(d)
         result = evaluate_stream(model, stream, window=ecfg.window, max_tokens=ecfg.max_tokens,
                                  batch_size=ecfg.batch_size, teacher=res.teacher(), progress=ui.progress)
         del model
@@ -319,17 +326,42 @@ def _stage_metrics(d: Path, index: int, key: str, spec: DataSpec, ecfg: EvalConf
     return result
 
 
-def _stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool) -> dict:
+def load_for_eval(folder: Path):
+    """A model ``evaluate_stream`` can score: PyTorch for HF folders, ONNX Runtime for exports."""
+    if is_onnx_folder(folder):
+        from exporters.onnx.runtime import OnnxCausalLM
+
+        return OnnxCausalLM(folder)
+    from .models import load_model
+
+    return load_model(folder)
+
+
+def is_onnx_folder(folder: Path) -> bool:
+    return (Path(folder) / "genai_config.json").is_file()
+
+
+def _model_bytes(d: Path) -> int:
+    if is_onnx_folder(d):
+        return sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))
+    return weight_bytes(d)
+
+
+def _stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool, prev: dict | None) -> dict:
     art = read_artifact(d)
     pass_metrics = art.manifest.get("metrics") or {}
+    params = count_parameters(d)
+    if not params and prev is not None and is_onnx_folder(d):
+        params = prev["parameters"]  # an export holds the parameters of the model it was made from
     return {
         "index": index,
         "name": d.name,
         "pass": art.manifest.get("pass"),
+        "format": art.manifest.get("format", "hf"),
         "id": art.id,
         "path": str(d.relative_to(out)),
-        "parameters": count_parameters(d),
-        "weight_bytes": weight_bytes(d),
+        "parameters": params,
+        "weight_bytes": _model_bytes(d),
         "disk_bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
         "perplexity": metrics.get("perplexity"),
         "kl": metrics.get("kl"),
@@ -339,6 +371,9 @@ def _stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool) -
         "pass_seconds": pass_metrics.get("pass_seconds"),
         "cached": cached,
         "notes": list(art.manifest.get("notes") or []),
+        "validation": (pass_metrics.get("export") or {}).get("validation"),
+        "latency": pass_metrics.get("latency"),
+        "metrics": metrics,
     }
 
 
@@ -370,10 +405,10 @@ def evaluate(
     spec = user_data_spec(data, "eval") if data else None
     teacher_ref = resolve_source_ref(teacher) if teacher else None
     from .evaluation import evaluate_stream
-    from .models import load_model, teacher_folder
+    from .models import teacher_folder
 
     res = Resources(ref, DataConfig(), ui)
-    student = load_model(res.folder())
+    student = load_for_eval(res.folder())
     t_res = None
     if teacher_ref is not None:
         t_res = Resources(teacher_ref, DataConfig(), ui)
@@ -382,6 +417,8 @@ def evaluate(
         if tf is not None:
             t_res = Resources(resolve_source_ref(tf), DataConfig(), ui)
     gen = t_res or res  # who writes self-generated evaluation text
+    if spec is None and is_onnx_folder(gen.folder()):
+        raise UserError(f"{ref.label} is an ONNX export without a recorded teacher: give --data (or --teacher)")
     spec = spec or self_data_spec(source_id(gen.source), DataConfig(), "eval")
     stream = gen.stream(spec, max_tokens)
     result = evaluate_stream(student, stream, window=window, max_tokens=max_tokens, batch_size=batch_size,
@@ -393,3 +430,84 @@ def evaluate(
         **result,
         "config": ecfg.to_dict(),
     }
+
+
+# --------------------------------------------------------------------------------- export
+
+
+def export(
+    model: str | None, out: str | Path, *, precision: str = "fp32", provider: str = "cpu", validate: bool = True,
+    rtol: float = 0.0, greedy_tokens: int = 32, force: bool = False, quiet: bool = False,
+) -> dict[str, Any]:
+    """Export a model (artifact, HF folder, GGUF, run folder; default: embedded) to ONNX in ``out``.
+
+    The result is an artifact (``format: onnx``); an ``out`` already holding this very
+    export is reused, any other non-empty ``out`` needs ``force``.
+    """
+    from .passes.export_onnx.config import ExportOnnxConfig
+    from .registry import get_pass
+
+    spec = get_pass("export_onnx")
+    cfg = ExportOnnxConfig.from_dict(dict(precision=precision, provider=provider, validation=validate, rtol=rtol,
+                                          greedy_tokens=greedy_tokens))
+    ui = UI(quiet)
+    ref = resolve_source_ref(model)
+    if ref.kind == "onnx" or (ref.kind == "artifact" and is_onnx_folder(ref.path)):
+        raise UserError(f"{ref.label} is already an ONNX export")
+    out = Path(out)
+    parent_id = source_id(ref)
+    export_id = compute_id(parent_id, spec.name, cfg.canonical_json(), spec.version)
+    if _stage_is(out, export_id):
+        ui.log(f"{out} already holds this export (id {export_id}); nothing to do")
+        return _export_result(read_artifact(out), cached=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"--out {out} exists and holds something else; use --force to replace it")
+    res = Resources(ref, DataConfig(), ui)
+    folder = res.folder()
+    if ref.kind == "artifact":
+        teacher = read_artifact(folder).teacher or {"id": parent_id, "path": str(folder)}
+    else:
+        teacher = {"id": parent_id, "path": str(folder)}
+    t0 = time.perf_counter()
+    from exporters.onnx.export import ExportOptions, export_model
+
+    with staging_dir(out) as tmp:
+        result = export_model(folder, tmp, ExportOptions(
+            precision=cfg.precision, provider=cfg.provider, validate=cfg.validation, rtol=cfg.rtol or None,
+            greedy_tokens=cfg.greedy_tokens), log=ui.log)
+        manifest = make_manifest(
+            id=export_id, parent=parent_id, pass_name=spec.name, pass_version=spec.version, config=cfg.to_dict(),
+            path=tmp, teacher=teacher,
+            extra={"format": "onnx", "source": ref.label,
+                   "metrics": {"export": result, "pass_seconds": time.perf_counter() - t0}},
+        )
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return _export_result(read_artifact(out), cached=False)
+
+
+def _export_result(art: Artifact, cached: bool) -> dict[str, Any]:
+    export = (art.manifest.get("metrics") or {}).get("export") or {}
+    return {"out": str(art.path), "id": art.id, "source": art.manifest.get("source"), "cached": cached, **export}
+
+
+# -------------------------------------------------------------------------------- profile
+
+
+def profile(
+    models: list[str], *, target: str = "cpu", prompt_tokens: int = 128, new_tokens: int = 128, runs: int = 5,
+    warmup: int = 1, quiet: bool = False,
+) -> dict[str, Any]:
+    """Latency of each model (ONNX export or PyTorch folder/artifact/GGUF) on one target."""
+    from .profiling.harness import ProfileSettings, profile_model
+    from .profiling.targets import load_target
+
+    tgt = load_target(target)
+    settings = ProfileSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=warmup)
+    settings.check()
+    ui = UI(quiet)
+    folders = []
+    for m in models or [None]:
+        ref = resolve_source_ref(m)
+        folders.append((ref.label, Resources(ref, DataConfig(), ui).folder()))
+    results = [profile_model(folder, tgt, settings, label=label, log=ui.log) for label, folder in folders]
+    return {"target": tgt.to_dict(), "settings": settings.__dict__, "created": now(), "results": results}

@@ -102,6 +102,71 @@ def eval_cmd(
     sys.stdout.write("\n".join(lines) + "\n")
 
 
+@app.command("export")
+def export_cmd(
+    model: Optional[str] = typer.Argument(None, help="artifact, run folder, HF folder or .gguf; default: embedded model"),
+    out: str = typer.Option(..., "--out", "-o", help="output folder for model.onnx, genai_config.json, tokenizer"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16"),
+    provider: str = typer.Option("cpu", "--provider", help="execution provider named in genai_config.json: cpu or cuda"),
+    no_validate: bool = typer.Option(False, "--no-validate", help="skip the comparison with PyTorch (not recommended)"),
+    rtol: float = typer.Option(0.0, "--rtol", help="relative logit tolerance (0 = 1e-3 fp32, 2e-2 fp16)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing, different --out folder"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON result"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no log lines"),
+) -> None:
+    """Export to ONNX (KV cache, fused ONNX Runtime operators), validated against PyTorch."""
+    from . import api
+
+    result = api.export(model, out, precision=precision.lower(), provider=provider.lower(), validate=not no_validate,
+                        rtol=rtol, force=force, quiet=quiet)
+    if as_json:
+        _emit_json(result)
+        return
+    v = result.get("validation")
+    lines = [f"export      {result['out']} (id {result['id']}{', cached' if result['cached'] else ''})",
+             f"precision   {result['precision']}, provider {result['provider']}, "
+             f"{result['onnx_bytes'] / 1e6:.1f} MB on disk"]
+    if v:
+        lines.append(f"validation  passed: logits max rel error {v['max_rel_error']:.1e} (max abs "
+                     f"{v['max_abs_error']:.2e}, tolerance {v['rtol']:.0e}); {v['greedy_tokens']} greedy tokens "
+                     f"identical on {v['prompts']} prompts ({v['provider']})")
+    else:
+        lines.append("validation  skipped")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+@app.command("profile")
+def profile_cmd(
+    models: List[str] = typer.Argument(None, help="ONNX export folders and/or PyTorch models (artifact, HF folder, .gguf); default: embedded model"),
+    target: str = typer.Option("cpu", "--target", "-t", help="cpu, cpu:THREADS, cuda, or a target .yaml"),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="prompt length, tokens"),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="generated tokens per run"),
+    runs: int = typer.Option(5, "--runs", help="timed runs (median and min–max reported)"),
+    warmup: int = typer.Option(1, "--warmup", help="untimed warm-up runs"),
+    csv: Optional[str] = typer.Option(None, "--csv", help="also write the table as CSV to this file"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON result"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no log lines"),
+) -> None:
+    """Latency as a device user feels it: load, time to first token, prefill/decode tokens/s, memory."""
+    from . import api
+
+    result = api.profile(list(models or []), target=target, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                         runs=runs, warmup=warmup, quiet=quiet)
+    if csv:
+        from .profiling.output import write_csv
+
+        write_csv(csv, result["results"])
+    if as_json:
+        _emit_json(result)
+        return
+    from .profiling.output import render_table
+
+    s = result["settings"]
+    sys.stdout.write(f"target {target}: {s['prompt_tokens']} prompt + {s['new_tokens']} new tokens, "
+                     f"median of {s['runs']} runs after {s['warmup']} warm-up (min–max)\n")
+    sys.stdout.write(render_table(result["results"]) + "\n")
+
+
 @profiles_app.command("list")
 def profiles_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Profiles shipped with compress."""

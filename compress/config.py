@@ -25,7 +25,9 @@ from .errors import UserError
 
 
 def help_field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field documented next to itself."""
+    """A dataclass field documented next to itself (mutable defaults are copied per instance)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -109,6 +111,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise UserError(f"{where}: expected a mapping with string keys, got {value!r}")
+        return dict(value)
     if tp is Any:
         return value
     raise TypeError(f"unsupported config field type {tp!r} at {where}")
@@ -165,7 +171,7 @@ class Config:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
+            out[f.name] = list(v) if isinstance(v, tuple) else (dict(v) if isinstance(v, dict) else v)
         return out
 
     def to_typed_dict(self) -> dict[str, Any]:

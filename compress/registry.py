@@ -16,7 +16,9 @@ from .config import Config
 from .errors import UserError
 
 #: Packages whose ``__init__`` registers a built-in pass. Explicit, never scanned.
-BUILTIN_PASS_PACKAGES = ("compress.passes.distill",)
+BUILTIN_PASS_PACKAGES = (
+    "compress.passes.distill", "compress.passes.export_onnx", "compress.passes.profile_latency",
+)
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -29,6 +31,8 @@ class PassSpec:
     summary: str
     needs_data: bool = False  # consumes training/calibration data (part of its artifact id)
     needs_teacher: bool = False
+    output_format: str | None = "hf"  # "hf" | "onnx"; None: the same format as the input
+    changes_model: bool = True  # False: the output computes exactly what the input does (not re-evaluated)
 
     @property
     def version(self) -> int:
@@ -51,6 +55,8 @@ def register_pass(
     summary: str,
     needs_data: bool = False,
     needs_teacher: bool = False,
+    output_format: str | None = "hf",
+    changes_model: bool = True,
 ) -> PassSpec:
     if not _NAME.match(name):
         raise ValueError(f"pass name {name!r} must be lowercase letters, digits and underscores")
@@ -58,7 +64,7 @@ def register_pass(
         raise ValueError(f"pass {name!r} is already registered")
     if not (isinstance(config, type) and issubclass(config, Config)):
         raise TypeError(f"pass {name!r}: config must be a Config subclass")
-    spec = PassSpec(name, config, entry, summary, needs_data, needs_teacher)
+    spec = PassSpec(name, config, entry, summary, needs_data, needs_teacher, output_format, changes_model)
     _REGISTRY[name] = spec
     return spec
 

@@ -13,6 +13,11 @@ def _fmt(v: Any, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _kl(v: float | None) -> float | None:
+    """KL is >= 0; float round-off on identical models gives -1e-8, shown as 0."""
+    return None if v is None else max(v, 0.0)
+
+
 def _mb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e6:.1f}"
 
@@ -35,10 +40,26 @@ def render_markdown(report: dict[str, Any]) -> str:
         ratio = s["perplexity"] / base if base and s.get("perplexity") else None
         lines.append(
             f"| {s['index']} | {s['name']} | {s['parameters']:,} | {_mb(s['weight_bytes'])} | {_mb(s.get('disk_bytes'))} | "
-            f"{_fmt(s.get('perplexity'), '.3f')} | {_fmt(ratio, '.3f')} | {_fmt(s.get('kl'), '.4f')} | "
+            f"{_fmt(s.get('perplexity'), '.3f')} | {_fmt(ratio, '.3f')} | {_fmt(_kl(s.get('kl')), '.4f')} | "
             f"{_fmt(s.get('top1_agreement'), '.3f')} | {_fmt(s.get('pass_seconds'), '.1f')} | "
             f"{_fmt(s.get('eval_seconds'), '.1f')} | {'yes' if s.get('cached') else 'no'} |"
         )
+    for s in report["stages"]:
+        v = s.get("validation")
+        if v:
+            lines += ["", f"Export `{s['name']}` validated against PyTorch ({v.get('provider', 'cpu')}): logits max relative "
+                      f"error {v['max_rel_error']:.1e} (max abs {v['max_abs_error']:.2e}, tolerance {v['rtol']:.0e}), "
+                      f"{v['greedy_tokens']} greedy tokens identical on {v['prompts']} prompts."]
+        if s.get("latency"):
+            from .profiling.output import render_markdown as latency_table
+
+            first = s["latency"][0]
+            st = first["settings"]
+            lines += ["", f"## Latency — stage `{s['name']}`, target {first['target']} "
+                      f"({first['device']}, {first['threads']} threads)", "",
+                      f"{st['prompt_tokens']} prompt + {st['new_tokens']} new tokens, greedy; median of {st['runs']} "
+                      f"runs after {st['warmup']} warm-up (min–max).", ""]
+            lines += latency_table(s["latency"])
     notes = [n for s in report["stages"] for n in s.get("notes", [])]
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]

@@ -26,7 +26,7 @@ GGUF_MAGIC = b"GGUF"
 
 @dataclass(frozen=True)
 class SourceRef:
-    kind: str  # "gguf" | "hf" | "artifact"
+    kind: str  # "gguf" | "hf" | "artifact" | "onnx"
     path: Path
     label: str
 
@@ -84,6 +84,8 @@ def resolve_source_ref(ref: str | Path | None) -> SourceRef:
     if (path / "stages").is_dir() or (path / "report.json").is_file():
         stage = final_stage_of_run(path)
         return SourceRef("artifact", stage.resolve(), f"{path} (final stage {stage.name})")
+    if (path / "genai_config.json").is_file():
+        return SourceRef("onnx", path.resolve(), str(path))  # an ONNX export made by another tool
     if (path / "config.json").is_file():
         check_hf_folder(path)
         return SourceRef("hf", path.resolve(), str(path))
@@ -137,9 +139,9 @@ def source_id(ref: SourceRef) -> str:
         return read_artifact(ref.path).id
     if ref.kind == "gguf":
         return hash_parts("source", "gguf", cached_digest(ref.path), str(CONVERTER_VERSION))
-    parts = ["source", "hf"]
+    parts = ["source", ref.kind]
     for p in sorted(ref.path.iterdir()):
-        if p.is_file() and (p.suffix in (".json", ".safetensors", ".model", ".txt", ".jinja")):
+        if p.is_file() and (p.suffix in (".json", ".safetensors", ".model", ".txt", ".jinja", ".onnx", ".data")):
             parts += [p.name, cached_digest(p)]
     return hash_parts(*parts)
 

@@ -1,0 +1,12 @@
+"""``export_onnx``: ONNX export with KV cache, fused ONNX Runtime operators, validated against PyTorch."""
+
+from ...registry import register_pass
+from .config import ExportOnnxConfig
+
+register_pass(
+    "export_onnx",
+    config=ExportOnnxConfig,
+    entry="compress.passes.export_onnx.run:export_onnx",
+    summary="export to ONNX (+ onnxruntime-genai config), validated: logits vs PyTorch, greedy tokens equal",
+    output_format="onnx",
+)

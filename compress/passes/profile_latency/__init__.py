@@ -1,0 +1,13 @@
+"""``profile_latency``: latency table of the current model (and optionally the eager baseline)."""
+
+from ...registry import register_pass
+from .config import ProfileLatencyConfig
+
+register_pass(
+    "profile_latency",
+    config=ProfileLatencyConfig,
+    entry="compress.passes.profile_latency.run:profile_latency",
+    summary="measure load time, TTFT, prefill/decode tokens/s, p50/p90, peak memory on a target",
+    output_format=None,
+    changes_model=False,
+)

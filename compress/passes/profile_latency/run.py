@@ -1,0 +1,26 @@
+"""Profile the input model (and the eager baseline); pass the model on unchanged."""
+
+from __future__ import annotations
+
+from ...artifact import MANIFEST, Artifact, link_or_copy
+from ...context import PassContext
+from ...profiling.harness import ProfileSettings, profile_model
+from ...profiling.targets import load_target
+from .config import ProfileLatencyConfig
+
+METRICS = "metrics.json"
+
+
+def profile_latency(parent: Artifact, cfg: ProfileLatencyConfig, ctx: PassContext) -> dict:
+    target = load_target(cfg.target)
+    settings = ProfileSettings(prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens, runs=cfg.runs,
+                               warmup=cfg.warmup)
+    label = f"{parent.path.name} ({parent.manifest.get('format', 'hf')})"
+    rows = [profile_model(parent.path, target, settings, label=label, log=ctx.log)]
+    if cfg.eager_baseline and ctx.teacher_path != parent.path:
+        rows.append(profile_model(ctx.teacher_path, target, settings, label="input model (PyTorch eager)",
+                                  log=ctx.log))
+    for f in sorted(parent.path.iterdir()):  # the model itself is passed on as is (hard links)
+        if f.is_file() and f.name not in (MANIFEST, METRICS):
+            link_or_copy(f, ctx.out_dir / f.name)
+    return {"latency": rows, "target": target.to_dict()}

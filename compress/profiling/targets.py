@@ -1,0 +1,89 @@
+"""Profiling targets: YAML files under ``profiles/targets`` (or any path), torch-free.
+
+``--target cpu`` reads ``cpu.yaml``; ``cpu:4`` is the same with 4 threads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from ..config import Config, help_field
+from ..errors import UserError, one_line
+from ..profiles import profiles_dir
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetConfig(Config):
+    """Where and how a model runs: device, threads, ONNX Runtime options."""
+
+    SECTION: ClassVar[str] = "target"
+
+    name: str = help_field("cpu", "target name (file stem)")
+    description: str = help_field("", "one line")
+    device: Literal["cpu", "cuda"] = help_field("cpu", "execution device")
+    threads: int = help_field(0, "intra-op threads (0 = one per physical core)")
+    precision: Literal["fp32", "fp16"] = help_field("fp32", "export precision for this target")
+    accuracy_level: int = help_field(4, "MatMulNBits accuracy level (0 = unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)")
+    graph_optimization: Literal["all", "extended", "basic", "disabled"] = help_field("all", "ONNX Runtime graph optimization level")
+    session_options: dict[str, Any] = help_field({}, "ONNX Runtime session config entries")
+    provider_options: dict[str, Any] = help_field({}, "execution provider options")
+
+    def validate(self) -> None:
+        if self.threads < 0:
+            self._fail("threads", "must be >= 0")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            self._fail("accuracy_level", "must be 0..4")
+
+    def resolved_threads(self) -> int:
+        """The thread count actually used (0 resolved to the physical core count)."""
+        if self.threads:
+            return self.threads
+        try:
+            import psutil
+
+            return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        except ImportError:
+            return os.cpu_count() or 1
+
+    def label(self) -> str:
+        return f"{self.device}:{self.resolved_threads()}" if self.device == "cpu" else self.device
+
+
+def targets_dir() -> Path:
+    return profiles_dir() / "targets"
+
+
+def available_targets() -> list[str]:
+    return sorted(p.stem for p in targets_dir().glob("*.yaml"))
+
+
+def load_target(spec: str) -> TargetConfig:
+    """``cpu``, ``cpu:4``, ``cuda`` or a path to a target YAML file (optionally ``:THREADS``)."""
+    name, threads = spec, None
+    if ":" in spec and spec.rsplit(":", 1)[1].isdigit():
+        name, t = spec.rsplit(":", 1)
+        threads = int(t)
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"target file not found: {name}")
+    else:
+        path = targets_dir() / f"{name}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown target {name!r}; available: {', '.join(available_targets())} "
+                            "(optionally :THREADS, e.g. cpu:4, or a path to a .yaml file)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"target {path}: unreadable ({one_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"target {path}: expected a mapping")
+    raw.setdefault("name", path.stem)
+    if threads is not None:
+        raw["threads"] = threads
+    return TargetConfig.from_dict(raw, f"target {path.stem}")

@@ -1,0 +1,1 @@
+"""Exporters: turn a compress artifact into a runtime format (ONNX first)."""

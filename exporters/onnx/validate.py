@@ -1,0 +1,103 @@
+"""Export validation: the ONNX model must compute what the PyTorch model computes.
+
+On fixed prompts: logits of the whole prompt (one forward without cache) and of every
+greedy decoding step (through the KV cache) are compared with PyTorch; the greedy
+tokens must be identical. The error is reported as max absolute and relative
+(``max |onnx - torch| / max |torch|``) over every compared position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from compress.errors import UserError
+
+#: Plain English and chat-formatted prompts: short, mid-length, and the default chat format.
+PROMPTS = (
+    "The capital of France is",
+    "Compression makes language models small enough to run on phones and laptops. The three main "
+    "techniques are pruning, which removes weights or whole channels; quantization, which stores "
+    "weights with fewer bits; and distillation, which trains a small model to imitate a large one.",
+)
+CHAT_PROMPT = "Explain in two sentences why the sky is blue."
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    rtol: float = 1e-3  # relative tolerance on logits
+    greedy_tokens: int = 32  # greedy tokens that must be identical, per prompt
+
+
+def prompt_ids(tokenizer) -> list[list[int]]:
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True)
+        prompts.append(list(ids))
+    return [p for p in prompts if len(p) >= 2]
+
+
+def _torch_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and each step's logits, with the model's own KV cache, no EOS stop."""
+    import torch
+
+    tokens, logits_seen = [], []
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), use_cache=True)
+        for _ in range(steps):
+            last = out.logits[0, -1].float()
+            logits_seen.append(last.numpy().copy())
+            tok = int(last.argmax())
+            tokens.append(tok)
+            out = model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, logits_seen
+
+
+def validate(decoder, model, tokenizer, settings: ValidationSettings = ValidationSettings()) -> dict[str, Any]:
+    """Compare an ONNX ``Decoder`` with the PyTorch ``model``; raise UserError on a mismatch."""
+    import torch
+
+    max_abs = 0.0
+    max_rel = 0.0
+    mismatch = None
+    prompts = prompt_ids(tokenizer)
+    for n, ids in enumerate(prompts):
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        got = decoder.logits(np.array([ids]))[0]
+        pairs = [(got, ref)]
+        ref_tokens, ref_steps = _torch_greedy(model, ids, settings.greedy_tokens)
+        got_steps: list[np.ndarray] = []
+        tokens = decoder.generate(ids, settings.greedy_tokens, on_logits=got_steps.append)
+        agree = 0
+        while agree < len(tokens) and tokens[agree] == ref_tokens[agree]:
+            agree += 1
+        pairs += [(got_steps[i], ref_steps[i]) for i in range(min(agree + 1, len(got_steps)))]
+        for a, b in pairs:
+            diff = float(np.abs(a - b).max())
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / max(float(np.abs(b).max()), 1e-12))
+        if agree < settings.greedy_tokens and mismatch is None:
+            mismatch = (n, agree, tokens[agree], ref_tokens[agree])
+    result = {
+        "prompts": len(prompts),
+        "max_abs_error": max_abs,
+        "max_rel_error": max_rel,
+        "rtol": settings.rtol,
+        "greedy_tokens": settings.greedy_tokens,
+        "greedy_equal": mismatch is None,
+    }
+    if max_rel > settings.rtol:
+        raise UserError(
+            f"export validation failed: logits differ from PyTorch by {max_rel:.2e} relative "
+            f"(max abs {max_abs:.3g}), above the tolerance {settings.rtol:.0e}"
+        )
+    if mismatch is not None:
+        n, pos, a, b = mismatch
+        raise UserError(
+            f"export validation failed: greedy token {pos} of prompt {n} is {a} in ONNX but {b} in PyTorch "
+            f"(logits max rel error {max_rel:.2e})"
+        )
+    return result
