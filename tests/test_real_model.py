@@ -89,3 +89,26 @@ def test_cli_model_and_eval_on_embedded_default(tmp_path):
     ev = run_cli("eval", str(out), "--data", str(WIKITEXT_TEST), "--max-tokens", "1024", "--json", "--quiet")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["perplexity"] == pytest.approx(ppl, rel=1e-9)
+
+
+@needs_wikitext
+def test_cpu_fp32_profile_exports_validates_and_profiles(tmp_path):
+    """`compress model --profile cpu-fp32` on the real model: the ONNX model is the PyTorch model."""
+    out = tmp_path / "run"
+    r = run_cli("model", "--profile", "cpu-fp32", "--out", str(out), "--eval-data", str(WIKITEXT_TEST),
+                "--set", "evaluation.max_tokens=2048", "--set", "profile_latency.runs=2",
+                "--set", "profile_latency.prompt_tokens=64", "--set", "profile_latency.new_tokens=16",
+                "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    src, exp, prof = json.loads(r.stdout)["stages"]
+    v = exp["validation"]
+    assert v["greedy_equal"] and v["max_rel_error"] <= 1e-3 and v["greedy_tokens"] == 32
+    assert exp["perplexity"] == pytest.approx(src["perplexity"], rel=1e-4) and exp["kl"] < 1e-5
+    cfg = json.loads((out / exp["path"] / "genai_config.json").read_text())["model"]["decoder"]
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_size"]) == (
+        30, 9, 3, 64)
+    assert 535e6 < exp["weight_bytes"] < 545e6  # the tied embedding is stored once
+    onnx_row, eager_row = prof["latency"]
+    assert onnx_row["kind"] == "onnx" and eager_row["kind"] == "pytorch"
+    assert onnx_row["decode_tokens_per_second"]["median"] > 1.2 * eager_row["decode_tokens_per_second"]["median"]
+    assert "## Latency" in (out / "report.md").read_text()

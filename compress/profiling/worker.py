@@ -2,7 +2,8 @@
 
 ``python -m compress.profiling.worker JSON`` prints one JSON line on stdout: load time,
 per-run prefill and decode step times, peak resident memory. An ONNX model is run with
-plain ONNX Runtime (torch is never imported); a PyTorch folder with eager PyTorch.
+plain ONNX Runtime (torch is never imported); a PyTorch folder with eager PyTorch. The
+runners are importable so benchmarks time exactly what ``compress profile`` times.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """Peak resident memory of this process.
 
     ``VmHWM`` first: ``ru_maxrss`` survives ``execve`` on Linux, so in a worker started by a
@@ -30,58 +31,75 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _run_onnx(args: dict[str, Any]) -> dict[str, Any]:
-    from exporters.onnx.runtime import Decoder, RuntimeOptions, StepTimes
+class OnnxRunner:
+    """Greedy decoding of an export with plain ONNX Runtime (``exporters.onnx.runtime``)."""
 
+    def __init__(self, path: Path, *, device: str = "cpu", threads: int = 0, session_options: dict | None = None,
+                 provider_options: dict | None = None, graph_optimization: str = "all", **_: Any):
+        from exporters.onnx.runtime import Decoder, RuntimeOptions
+
+        self.decoder = Decoder(Path(path), RuntimeOptions(
+            provider=device, threads=threads, session_options=dict(session_options or {}),
+            provider_options=dict(provider_options or {}), graph_optimization=graph_optimization))
+        self.runtime = "onnxruntime"
+        self.providers = self.decoder.session.get_providers()
+
+    def run(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+        from exporters.onnx.runtime import StepTimes
+
+        times = StepTimes()
+        self.decoder.generate(prompt, new_tokens, times=times)
+        return {"prefill": times.prefill_seconds, "decode": times.decode_seconds}
+
+
+class TorchRunner:
+    """Greedy decoding with the Hugging Face model in eager PyTorch (its own KV cache)."""
+
+    def __init__(self, path: Path, *, device: str = "cpu", threads: int = 0, precision: str = "fp32", **_: Any):
+        import torch
+
+        from compress.errors import UserError
+        from compress.models import load_model
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError("target cuda unavailable: this PyTorch build has no CUDA device")
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch, self.device = torch, device
+        dtype = torch.float16 if (device == "cuda" and precision == "fp16") else torch.float32
+        self.model = load_model(Path(path), dtype=dtype).to(device)
+        self.runtime = f"pytorch {torch.__version__} eager ({str(dtype).replace('torch.', '')})"
+        self.providers = [device]
+
+    def run(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+        torch, device = self.torch, self.device
+        decode = []
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = self.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+            tok = int(out.logits[0, -1].argmax())  # int() synchronizes CUDA
+            prefill = time.perf_counter() - t
+            for _ in range(new_tokens - 1):
+                t = time.perf_counter()
+                out = self.model(input_ids=torch.tensor([[tok]], device=device), past_key_values=out.past_key_values,
+                                 use_cache=True)
+                tok = int(out.logits[0, -1].argmax())
+                decode.append(time.perf_counter() - t)
+        return {"prefill": prefill, "decode": decode}
+
+
+def measure(args: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    dec = Decoder(Path(args["path"]), RuntimeOptions(
-        provider=args["device"], threads=args["threads"], session_options=args["session_options"],
-        provider_options=args["provider_options"], graph_optimization=args["graph_optimization"]))
+    opts = {k: v for k, v in args.items() if k not in ("kind", "path", "prompt", "new_tokens", "runs", "warmup")}
+    runner = (OnnxRunner if args["kind"] == "onnx" else TorchRunner)(Path(args["path"]), **opts)
     load = time.perf_counter() - t0
     runs = []
     for r in range(args["warmup"] + args["runs"]):
-        times = StepTimes()
-        dec.generate(args["prompt"], args["new_tokens"], times=times)
+        res = runner.run(args["prompt"], args["new_tokens"])
         if r >= args["warmup"]:
-            runs.append({"prefill": times.prefill_seconds, "decode": times.decode_seconds})
-    return {"load_seconds": load, "runs": runs, "runtime": "onnxruntime",
-            "providers": dec.session.get_providers()}
-
-
-def _run_torch(args: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from compress.errors import UserError
-    from compress.models import load_model
-
-    device = args["device"]
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("target cuda unavailable: this PyTorch build has no CUDA device")
-    torch.set_num_threads(args["threads"])
-    t0 = time.perf_counter()
-    dtype = torch.float16 if (device == "cuda" and args["precision"] == "fp16") else torch.float32
-    model = load_model(Path(args["path"]), dtype=dtype).to(device)
-    load = time.perf_counter() - t0
-    runs = []
-    prompt = torch.tensor([args["prompt"]], device=device)
-    with torch.inference_mode():
-        for r in range(args["warmup"] + args["runs"]):
-            decode = []
-            t = time.perf_counter()
-            out = model(input_ids=prompt, use_cache=True)
-            tok = int(out.logits[0, -1].argmax())  # .item() synchronizes CUDA
-            prefill = time.perf_counter() - t
-            for _ in range(args["new_tokens"] - 1):
-                t = time.perf_counter()
-                out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=out.past_key_values,
-                            use_cache=True)
-                tok = int(out.logits[0, -1].argmax())
-                decode.append(time.perf_counter() - t)
-            if r >= args["warmup"]:
-                runs.append({"prefill": prefill, "decode": decode})
-            del out
-    return {"load_seconds": load, "runs": runs, "runtime": f"pytorch {torch.__version__} eager ({dtype})".replace(
-        "torch.", ""), "providers": [device]}
+            runs.append(res)
+    return {"load_seconds": load, "runs": runs, "runtime": runner.runtime, "providers": runner.providers,
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
 def main(argv: list[str]) -> int:
@@ -89,14 +107,13 @@ def main(argv: list[str]) -> int:
 
     args = json.loads(argv[0])
     try:
-        result = _run_onnx(args) if args["kind"] == "onnx" else _run_torch(args)
+        result = measure(args)
     except UserError as exc:
         print(json.dumps({"error": str(exc)}))
         return 2
     except Exception as exc:  # reported by the parent as one line
         print(json.dumps({"error": f"{type(exc).__name__}: {one_line(exc)}"}))
         return 1
-    result["peak_rss_bytes"] = _peak_rss_bytes()
     print(json.dumps(result))
     return 0
 
