@@ -189,16 +189,6 @@ def rss_and_load(system: dict[str, Any], prompt: list[int], new_tokens: int, thr
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -256,6 +246,8 @@ def main() -> int:
         r["prefill_ratio_to_ours"] = r["prefill_tokens_per_second"]["median"] / ref["prefill_tokens_per_second"]["median"]
         r["ratio_reference"] = ref["system"]
     import onnxruntime
+
+    from compress.hardware import cpu_name
 
     result = {
         "benchmark": "anchors",

@@ -36,6 +36,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from compress.data import read_documents, token_stream, user_data_spec
+    from compress.hardware import cpu_name
     from compress.evaluation import evaluate_stream
     from compress.models import load_model, load_tokenizer, model_folder
     from compress.sources import resolve_source_ref, source_id
@@ -67,7 +68,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["python benchmarks/baseline.py", *sys.argv[1:]]),
         "machine": {
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
         },
         "model": {"source": ref.label, "id": source_id(ref), "folder_seconds": t_folder, "load_seconds": t_load},
@@ -88,16 +89,6 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,16 +30,6 @@ VARIANTS = {
     "separate q/k/v MatMuls": {"pack_qkv": False},
     "separate lm_head copy of the tied embedding": {"lm_head": "separate"},
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -101,6 +90,8 @@ def main() -> int:
               f"prefill {r['prefill_tokens_per_second']['median']:6.1f} (×{r['prefill_ratio']:.2f}) "
               f"size {r['size_bytes'] / 1e6:6.1f} MB  RSS {r['peak_rss_bytes'] / 1e6:5.0f} MB")
     import onnxruntime
+
+    from compress.hardware import cpu_name
 
     args.out.write_text(json.dumps({
         "benchmark": "export_layouts", "date": time.strftime("%Y-%m-%d"),

@@ -22,7 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from baseline import DEFAULT_WIKITEXT, _cpu_name  # noqa: E402
+from baseline import DEFAULT_WIKITEXT  # noqa: E402
+
+from compress.hardware import cpu_name  # noqa: E402
 
 
 def main() -> int:
@@ -64,7 +66,7 @@ def main() -> int:
         "benchmark": "train_throughput",
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]]),
-        "machine": {"cpu": _cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})},
         "setting": {"batch": args.batch, "seq_len": 512, "steps_per_run": args.steps, "loss": "forward KL"},
         "tokens_per_s": {k: {"median": med[k], "min": min(v), "max": max(v), "runs": v} for k, v in results.items()},

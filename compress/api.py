@@ -59,6 +59,8 @@ def plan(
 ) -> Plan:
     """Resolve and validate everything a run needs, without loading a model."""
     pipeline = load_pipeline(profile, overrides)
+    for stage in pipeline.stages:
+        stage.config.preflight()  # e.g. a CUDA target on a machine without CUDA: fail before any work
     source = resolve_source_ref(model)
     if source.kind == "onnx" or (source.kind == "artifact" and (source.path / "genai_config.json").is_file()):
         raise UserError(f"{source.label} is an ONNX export; a pipeline starts from a PyTorch/GGUF model "

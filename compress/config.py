@@ -134,6 +134,9 @@ class Config:
     def validate(self) -> None:
         """Raise :class:`UserError` for out-of-range values. Override per config."""
 
+    def preflight(self) -> None:
+        """Checks against this machine before a run starts (e.g. a CUDA target). Override per config."""
+
     def _fail(self, key: str, message: str) -> None:
         raise UserError(f"{self.SECTION}.{key}: {message}")
 

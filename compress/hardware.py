@@ -18,6 +18,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_name() -> str:
+    """The CPU model name (``/proc/cpuinfo``), for benchmark records."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def fast_bf16() -> tuple[bool, str]:
     """(use bf16 autocast?, why). CUDA with bf16 support, or a CPU with bf16 dot products."""
     import torch

@@ -150,3 +150,15 @@ def test_pipeline_refuses_onnx_input(exported):
     out, _ = exported
     with pytest.raises(UserError, match="is an ONNX export"):
         api.plan(str(out), PROFILE)
+
+
+def test_cuda_profile_fails_before_any_work(cli, tiny_dir, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    r = cli("model", str(tiny_dir), "--profile", "gpu-fp16", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.startswith("error: target cuda unavailable: ") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    r = cli("model", str(tiny_dir), "--profile", PROFILE, "--set", "profile_latency.target=tpu", "--dry-run")
+    assert r.returncode == 2 and "unknown target 'tpu'" in r.stderr

@@ -29,3 +29,14 @@ class ProfileLatencyConfig(Config):
             self._fail("runs", "must be at least 1")
         if self.warmup < 0:
             self._fail("warmup", "must be >= 0")
+        from ...profiling.targets import load_target
+
+        load_target(self.target)  # an unknown target or a bad target file fails when the profile loads
+
+    def preflight(self) -> None:
+        from ...profiling.targets import load_target
+
+        if load_target(self.target).device == "cuda":
+            from exporters.onnx.runtime import check_provider
+
+            check_provider("cuda")
