@@ -224,7 +224,18 @@ def passes_list(as_json: bool = typer.Option(False, "--json")) -> None:
             sys.stdout.write(f"    {k:<18} {v['default']!s:<10} {v['help']}\n")
 
 
-def _terminate(signum, frame):
+_interrupted = False
+
+
+def _interrupt(signum, frame):
+    """Ctrl-C / SIGTERM: remember it, then raise KeyboardInterrupt where the code is.
+
+    Remembering matters: raised inside some torch internals, the KeyboardInterrupt can be
+    replaced by an error from torch's own cleanup (e.g. a functorch ``DynamicLayer`` assert);
+    such a run still ends as interrupted (130), not as an internal error.
+    """
+    global _interrupted
+    _interrupted = True
     raise KeyboardInterrupt
 
 
@@ -239,38 +250,49 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C and SIGTERM become KeyboardInterrupt, even where the parent started us with
     # SIGINT ignored (background jobs): temp folders are removed, finished stages and
     # checkpoints stay, and a rerun resumes.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
+    global _interrupted
+    _interrupted = False
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         rv = run(args=argv, standalone_mode=False, prog_name="compress")
         if rv == EXIT_INTERRUPTED:  # typer turns KeyboardInterrupt into Exit(130)
             raise KeyboardInterrupt
         return rv if isinstance(rv, int) else 0
     except CompressError as exc:
+        if _interrupted:
+            return _fail(EXIT_INTERRUPTED, _INTERRUPTED_MSG)
         return _fail(exc.exit_code, str(exc))
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
         return _fail(EXIT_INTERRUPTED, "interrupted")
     except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted; rerun the same command to resume from the last finished stage/checkpoint")
-    except MemoryError:
+        return _fail(EXIT_INTERRUPTED, _INTERRUPTED_MSG)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into an exit code
+        if _interrupted:  # an error raised while unwinding from Ctrl-C: still an interruption
+            return _fail(EXIT_INTERRUPTED, _INTERRUPTED_MSG)
+        return _error_exit(exc)
+
+
+_INTERRUPTED_MSG = "interrupted; rerun the same command to resume from the last finished stage/checkpoint"
+
+
+def _error_exit(exc: Exception) -> int:
+    if isinstance(exc, MemoryError):
         return _fail(EXIT_INTERNAL, "out of memory")
-    except OSError as exc:
+    if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+        # a command-line usage error from typer's (vendored) click: bad option, missing argument
+        return _fail(EXIT_USER, exc.format_message())
+    if isinstance(exc, OSError):
         import errno
 
         if exc.errno == errno.ENOSPC:
             return _fail(EXIT_USER, f"no space left on device ({exc.filename or ''})")
-        if os.environ.get("COMPRESS_DEBUG"):
-            traceback.print_exc()
-        return _fail(EXIT_INTERNAL, f"internal error: {exc} (set COMPRESS_DEBUG=1 for a traceback)")
-    except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into exit 1
-        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            # a command-line usage error from typer's (vendored) click: bad option, missing argument
-            return _fail(EXIT_USER, exc.format_message())
-        if os.environ.get("COMPRESS_DEBUG"):
-            traceback.print_exc()
-        return _fail(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc} (set COMPRESS_DEBUG=1 for a traceback)")
+    if os.environ.get("COMPRESS_DEBUG"):
+        traceback.print_exception(exc)
+    what = str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+    return _fail(EXIT_INTERNAL, f"internal error: {what} (set COMPRESS_DEBUG=1 for a traceback)")
 
 
 def entry() -> None:

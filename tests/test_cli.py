@@ -194,3 +194,24 @@ def _wait_for_checkpoint(out: Path, proc, timeout: float = 120) -> Path:
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.02)
     raise AssertionError("no checkpoint appeared")
+
+
+def test_error_raised_while_unwinding_ctrl_c_is_still_an_interruption(monkeypatch, capsys):
+    """torch's cleanup can replace the KeyboardInterrupt by its own error: exit 130 all the same."""
+    import signal as _signal
+
+    from compress import cli as cli_mod
+
+    def fake_app(**_):
+        try:
+            cli_mod._interrupt(_signal.SIGINT, None)
+        except KeyboardInterrupt:
+            raise RuntimeError("!dynamicLayerStack.empty() INTERNAL ASSERT FAILED") from None
+
+    monkeypatch.setattr(cli_mod, "app", fake_app)
+    assert cli_mod.main([]) == 130
+    assert capsys.readouterr().err.startswith("error: interrupted")
+    monkeypatch.setattr(cli_mod, "app", lambda **_: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert cli_mod.main([]) == 1  # the flag is reset per call: a real crash stays a crash
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
