@@ -164,11 +164,10 @@ def build_systems(work: Path, log) -> tuple[list[dict[str, Any]], list[str], dic
 
 
 def size_bytes(path: Path) -> int:
+    from compress.artifact import weight_bytes
+
     path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.iterdir()
-               if f.is_file() and (f.name.startswith("model.onnx") or f.suffix == ".safetensors"))
+    return path.stat().st_size if path.is_file() else weight_bytes(path)
 
 
 # ------------------------------------------------------------------------------- measuring

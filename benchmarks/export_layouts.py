@@ -40,6 +40,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export_layouts.json")
     args = ap.parse_args()
 
+    from compress.artifact import weight_bytes
     from compress.models import model_folder
     from compress.profiling.harness import prompt_ids
     from compress.profiling.worker import OnnxRunner
@@ -79,7 +80,7 @@ def main() -> int:
             "layout": n, "options": dataclasses.asdict(LayoutOptions(**VARIANTS[n])),
             "decode_tokens_per_second": {"median": statistics.median(dec), "min": min(dec), "max": max(dec)},
             "prefill_tokens_per_second": {"median": statistics.median(pre), "min": min(pre), "max": max(pre)},
-            "size_bytes": sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx")),
+            "size_bytes": weight_bytes(d),
             "peak_rss_bytes": rss, "validation_max_rel_error": err,
         })
     base = rows[0]

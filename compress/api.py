@@ -19,9 +19,9 @@ import yaml
 
 from . import __version__
 from .artifact import (
-    MANIFEST, Artifact, atomic_write_json, atomic_write_text, compute_id, count_parameters, hash_parts,
-    is_artifact, link_or_copy, list_files, make_manifest, os_errors, read_artifact, remove_stale_temps,
-    staging_dir, weight_bytes,
+    MANIFEST, METRICS, Artifact, atomic_write_json, atomic_write_text, compute_id, count_parameters, hash_parts,
+    is_artifact, is_onnx_folder, link_model_files, list_files, make_manifest, os_errors, read_artifact,
+    remove_stale_temps, staging_dir, weight_bytes,
 )
 from .config import DataConfig, EvalConfig
 from .data import DataSpec, read_documents, self_data_spec, user_data_spec
@@ -34,7 +34,6 @@ from .ui import UI
 
 STAGES = "stages"
 WORK = ".work"
-METRICS = "metrics.json"
 
 
 @dataclass
@@ -62,7 +61,7 @@ def plan(
     for stage in pipeline.stages:
         stage.config.preflight()  # e.g. a CUDA target on a machine without CUDA: fail before any work
     source = resolve_source_ref(model)
-    if source.kind == "onnx" or (source.kind == "artifact" and (source.path / "genai_config.json").is_file()):
+    if _is_onnx_ref(source):
         raise UserError(f"{source.label} is an ONNX export; a pipeline starts from a PyTorch/GGUF model "
                         "(profile or evaluate the export with `compress profile` / `compress eval`)")
     specs = [user_data_spec(path, split) if path else None for path, split in ((data, "train"), (eval_data, "eval"))]
@@ -242,9 +241,7 @@ def _lock(out: Path):
 def _write_source_stage(d: Path, src_id: str, source: SourceRef, res: Resources) -> None:
     folder = res.folder()
     with staging_dir(d) as tmp:
-        for f in sorted(folder.iterdir()):
-            if f.is_file() and f.name not in (MANIFEST, METRICS):
-                link_or_copy(f, tmp / f.name)
+        link_model_files(folder, tmp)
         if is_artifact(folder):
             manifest = read_artifact(folder).manifest
             if source.kind != "artifact":
@@ -339,14 +336,8 @@ def load_for_eval(folder: Path):
     return load_model(folder)
 
 
-def is_onnx_folder(folder: Path) -> bool:
-    return (Path(folder) / "genai_config.json").is_file()
-
-
-def _model_bytes(d: Path) -> int:
-    if is_onnx_folder(d):
-        return sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))
-    return weight_bytes(d)
+def _is_onnx_ref(ref: SourceRef) -> bool:
+    return ref.kind == "onnx" or (ref.kind == "artifact" and is_onnx_folder(ref.path))
 
 
 def _stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool, prev: dict | None) -> dict:
@@ -363,7 +354,7 @@ def _stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool, p
         "id": art.id,
         "path": str(d.relative_to(out)),
         "parameters": params,
-        "weight_bytes": _model_bytes(d),
+        "weight_bytes": weight_bytes(d),
         "disk_bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
         "perplexity": metrics.get("perplexity"),
         "kl": metrics.get("kl"),
@@ -454,7 +445,7 @@ def export(
                                           greedy_tokens=greedy_tokens))
     ui = UI(quiet)
     ref = resolve_source_ref(model)
-    if ref.kind == "onnx" or (ref.kind == "artifact" and is_onnx_folder(ref.path)):
+    if _is_onnx_ref(ref):
         raise UserError(f"{ref.label} is already an ONNX export")
     out = Path(out)
     parent_id = source_id(ref)
@@ -466,10 +457,9 @@ def export(
         raise UserError(f"--out {out} exists and holds something else; use --force to replace it")
     res = Resources(ref, DataConfig(), ui)
     folder = res.folder()
-    if ref.kind == "artifact":
-        teacher = read_artifact(folder).teacher or {"id": parent_id, "path": str(folder)}
-    else:
-        teacher = {"id": parent_id, "path": str(folder)}
+    # the export is evaluated against the model's own teacher, or against the model itself
+    teacher = (read_artifact(folder).teacher if ref.kind == "artifact" else None) or {"id": parent_id,
+                                                                                      "path": str(folder)}
     t0 = time.perf_counter()
     from exporters.onnx.export import ExportOptions, export_model
 

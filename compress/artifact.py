@@ -24,6 +24,8 @@ from . import __version__
 from .errors import UserError, one_line
 
 MANIFEST = "manifest.json"
+METRICS = "metrics.json"  # a stage's evaluation results, beside its manifest
+ONNX_CONFIG = "genai_config.json"  # marks an ONNX export folder (its onnxruntime-genai config)
 SCHEMA = 1
 WEIGHT_SUFFIXES = (".safetensors",)
 
@@ -98,8 +100,14 @@ def list_files(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def is_onnx_folder(path: Path) -> bool:
+    return (Path(path) / ONNX_CONFIG).is_file()
+
+
 def weight_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+    """Bytes of the model's weights: safetensors files, or ``model.onnx`` + its external data."""
+    path = Path(path)
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "model.onnx*") for p in path.glob(pattern))
 
 
 def count_parameters(path: Path) -> int:
@@ -187,6 +195,13 @@ def staging_dir(final: Path) -> Iterator[Path]:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_model_files(src: Path, dst: Path) -> None:
+    """Hard-link a model folder's files into ``dst``, leaving out its manifest and metrics."""
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and f.name not in (MANIFEST, METRICS):
+            link_or_copy(f, Path(dst) / f.name)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifact import MANIFEST, hash_parts, read_artifact
+from .artifact import MANIFEST, hash_parts, is_onnx_folder, read_artifact
 from .cache import cached_digest
 from .errors import UserError, one_line
 
@@ -84,7 +84,7 @@ def resolve_source_ref(ref: str | Path | None) -> SourceRef:
     if (path / "stages").is_dir() or (path / "report.json").is_file():
         stage = final_stage_of_run(path)
         return SourceRef("artifact", stage.resolve(), f"{path} (final stage {stage.name})")
-    if (path / "genai_config.json").is_file():
+    if is_onnx_folder(path):
         return SourceRef("onnx", path.resolve(), str(path))  # an ONNX export made by another tool
     if (path / "config.json").is_file():
         check_hf_folder(path)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..artifact import ONNX_CONFIG, is_onnx_folder, weight_bytes
 from ..errors import UserError
 from .targets import TargetConfig
 
@@ -49,11 +50,11 @@ def model_kind(path: Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model folder not found: {path}")
-    if (path / "genai_config.json").is_file():
+    if is_onnx_folder(path):
         return "onnx"
     if (path / "config.json").is_file():
         return "pytorch"
-    raise UserError(f"{path} is neither an ONNX export (genai_config.json) nor a model folder (config.json)")
+    raise UserError(f"{path} is neither an ONNX export ({ONNX_CONFIG}) nor a model folder (config.json)")
 
 
 def prompt_ids(path: Path, n: int) -> list[int]:
@@ -68,15 +69,6 @@ def prompt_ids(path: Path, n: int) -> list[int]:
     while len(ids) < n:
         ids += tok.encode(PROMPT_TEXT, add_special_tokens=False).ids
     return ids[:n]
-
-
-def disk_bytes(path: Path, kind: str) -> int:
-    files = [f for f in Path(path).iterdir() if f.is_file()]
-    if kind == "onnx":
-        files = [f for f in files if f.name.startswith("model.onnx")]
-    else:
-        files = [f for f in files if f.suffix == ".safetensors"]
-    return sum(f.stat().st_size for f in files)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -146,6 +138,6 @@ def profile_model(path: Path, target: TargetConfig, settings: ProfileSettings, *
         "device": target.device,
         "threads": target.resolved_threads(),
         "settings": asdict(settings),
-        "disk_bytes": disk_bytes(path, kind),
+        "disk_bytes": weight_bytes(path),
         **summarize(raw, settings),
     }

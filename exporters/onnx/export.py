@@ -18,12 +18,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from compress.artifact import ONNX_CONFIG, weight_bytes
 from compress.errors import UserError
 
 from .decoder import LayoutOptions, build_decoder
 from .genai import genai_config
 from .graph import Graph
-from .runtime import GENAI_CONFIG, Decoder, RuntimeOptions, check_provider
+from .runtime import Decoder, RuntimeOptions, check_provider
 from .specs import spec_for
 from .validate import ValidationSettings, validate
 
@@ -52,7 +53,7 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
     from compress.models import load_model, load_tokenizer
 
     src, out = Path(src), Path(out)
-    if (src / GENAI_CONFIG).is_file():
+    if (src / ONNX_CONFIG).is_file():
         raise UserError(f"{src} is already an ONNX export")
     t0 = time.perf_counter()
     model = load_model(src)
@@ -68,7 +69,7 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
         g.abort()
         raise
     g.save(metadata={"producer": "compress", "precision": opts.precision})
-    (out / GENAI_CONFIG).write_text(json.dumps(genai_config(dw, provider=opts.provider), indent=4))
+    (out / ONNX_CONFIG).write_text(json.dumps(genai_config(dw, provider=opts.provider), indent=4))
     del dw
     for name in COPIED_FILES:
         if (src / name).is_file():
@@ -79,7 +80,7 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
         "provider": opts.provider,
         "layout": dataclasses.asdict(opts.layout),
         "export_seconds": export_seconds,
-        "onnx_bytes": sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx")),
+        "onnx_bytes": weight_bytes(out),
     }
     if opts.validate:
         provider = opts.provider

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from compress.artifact import ONNX_CONFIG
 from compress.errors import UserError, one_line
 
-GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -88,7 +88,7 @@ class DecoderInfo:
 
 def read_info(folder: Path) -> DecoderInfo:
     try:
-        cfg = json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"]
+        cfg = json.loads((Path(folder) / ONNX_CONFIG).read_text())["model"]
         dec = cfg["decoder"]
         eos = cfg.get("eos_token_id")
         return DecoderInfo(
@@ -98,9 +98,9 @@ def read_info(folder: Path) -> DecoderInfo:
             eos_token_id=list(eos) if isinstance(eos, list) else ([] if eos is None else [int(eos)]),
         )
     except FileNotFoundError:
-        raise UserError(f"{folder} is not an ONNX export (no {GENAI_CONFIG})") from None
+        raise UserError(f"{folder} is not an ONNX export (no {ONNX_CONFIG})") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"corrupt {Path(folder) / GENAI_CONFIG}: {one_line(exc)}") from None
+        raise UserError(f"corrupt {Path(folder) / ONNX_CONFIG}: {one_line(exc)}") from None
 
 
 @dataclass

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from ...artifact import MANIFEST, Artifact, link_or_copy
+from ...artifact import Artifact, link_model_files
 from ...context import PassContext
 from ...profiling.harness import ProfileSettings, profile_model
 from ...profiling.targets import load_target
 from .config import ProfileLatencyConfig
-
-METRICS = "metrics.json"
-
 
 def profile_latency(parent: Artifact, cfg: ProfileLatencyConfig, ctx: PassContext) -> dict:
     target = load_target(cfg.target)
@@ -20,7 +17,5 @@ def profile_latency(parent: Artifact, cfg: ProfileLatencyConfig, ctx: PassContex
     if cfg.eager_baseline and ctx.teacher_path != parent.path:
         rows.append(profile_model(ctx.teacher_path, target, settings, label="input model (PyTorch eager)",
                                   log=ctx.log))
-    for f in sorted(parent.path.iterdir()):  # the model itself is passed on as is (hard links)
-        if f.is_file() and f.name not in (MANIFEST, METRICS):
-            link_or_copy(f, ctx.out_dir / f.name)
+    link_model_files(parent.path, ctx.out_dir)  # the model itself is passed on as is (hard links)
     return {"latency": rows, "target": target.to_dict()}
