@@ -293,6 +293,8 @@ def _run_pass(stage, parent: Artifact, d: Path, artifact_id: str, teacher_ref: d
                 "format": spec.output_format or parent.manifest.get("format", "hf"),
                 "metrics": {**extra, "pass_seconds": time.perf_counter() - t0},
                 "data": train_spec.label if (spec.needs_data and train_spec) else None,
+                # invariants later passes honour (pruned weights stay zero)
+                **({"sparsity": parent.manifest["sparsity"]} if parent.manifest.get("sparsity") else {}),
             },
         )
         atomic_write_json(tmp / MANIFEST, manifest)
@@ -430,7 +432,7 @@ def evaluate(
 
 def export(
     model: str | None, out: str | Path, *, precision: str = "fp32", provider: str = "cpu", validate: bool = True,
-    rtol: float = 0.0, greedy_tokens: int = 32, force: bool = False, quiet: bool = False,
+    rtol: float = 0.0, greedy_tokens: int = 32, accuracy_level: int = 4, force: bool = False, quiet: bool = False,
 ) -> dict[str, Any]:
     """Export a model (artifact, HF folder, GGUF, run folder; default: embedded) to ONNX in ``out``.
 
@@ -442,7 +444,7 @@ def export(
 
     spec = get_pass("export_onnx")
     cfg = ExportOnnxConfig.from_dict(dict(precision=precision, provider=provider, validation=validate, rtol=rtol,
-                                          greedy_tokens=greedy_tokens))
+                                          greedy_tokens=greedy_tokens, accuracy_level=accuracy_level))
     ui = UI(quiet)
     ref = resolve_source_ref(model)
     if _is_onnx_ref(ref):
@@ -466,7 +468,7 @@ def export(
     with staging_dir(out) as tmp:
         result = export_model(folder, tmp, ExportOptions(
             precision=cfg.precision, provider=cfg.provider, validate=cfg.validation, rtol=cfg.rtol or None,
-            greedy_tokens=cfg.greedy_tokens), log=ui.log)
+            greedy_tokens=cfg.greedy_tokens, accuracy_level=cfg.accuracy_level), log=ui.log)
         manifest = make_manifest(
             id=export_id, parent=parent_id, pass_name=spec.name, pass_version=spec.version, config=cfg.to_dict(),
             path=tmp, teacher=teacher,

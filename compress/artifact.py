@@ -111,14 +111,20 @@ def weight_bytes(path: Path) -> int:
 
 
 def count_parameters(path: Path) -> int:
-    """Parameters stored in the folder's safetensors files, read from their headers."""
+    """Parameters stored in the folder's safetensors files, read from their headers; a
+    quantized Linear counts its in × out weights (not its packed bytes, scales or zeros)."""
     total = 0
+    quant_layers: dict = {}
+    qc = Path(path) / "quantization.json"
+    if qc.is_file():
+        quant_layers = json.loads(qc.read_text()).get("layers", {})
+        total += sum(int(v["in_features"]) * int(v["out_features"]) for v in quant_layers.values())
     for p in Path(path).glob("*.safetensors"):
         with open(p, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
         for name, meta in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or name.rsplit(".", 1)[0] in quant_layers and not name.endswith(".bias"):
                 continue
             numel = 1
             for d in meta["shape"]:
@@ -246,3 +252,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def validation_line(v: dict) -> str:
+    """One sentence on an export validation (shared by the CLI and the report)."""
+    ties = v.get("near_ties") or []
+    greedy = (f"{v['greedy_tokens']} greedy tokens identical on {v['prompts']} prompts" if not ties else
+              f"greedy tokens identical on {v['prompts']} prompts up to {len(ties)} near-tie(s) "
+              f"(PyTorch top-2 within tolerance; first at step {ties[0]['step']} of prompt {ties[0]['prompt']})")
+    acc = f", accuracy_level {v['accuracy_level']}" if v.get("accuracy_level") is not None else ""
+    return (f"logits max relative error {v['max_rel_error']:.1e} (max abs {v['max_abs_error']:.2e}, tolerance "
+            f"{v['rtol']:.0e}{acc}); {greedy}")

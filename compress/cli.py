@@ -109,7 +109,8 @@ def export_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16"),
     provider: str = typer.Option("cpu", "--provider", help="execution provider named in genai_config.json: cpu or cuda"),
     no_validate: bool = typer.Option(False, "--no-validate", help="skip the comparison with PyTorch (not recommended)"),
-    rtol: float = typer.Option(0.0, "--rtol", help="relative logit tolerance (0 = 1e-3 fp32, 2e-2 fp16)"),
+    rtol: float = typer.Option(0.0, "--rtol", help="relative logit tolerance (0 = 1e-3 fp32, 2e-2 fp16, 0.15 quantized at level 4)"),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="MatMulNBits accuracy_level for quantized models (0-4; 4 = int8 activations)"),
     force: bool = typer.Option(False, "--force", help="replace an existing, different --out folder"),
     as_json: bool = typer.Option(False, "--json", help="print only the JSON result"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no log lines"),
@@ -118,7 +119,7 @@ def export_cmd(
     from . import api
 
     result = api.export(model, out, precision=precision.lower(), provider=provider.lower(), validate=not no_validate,
-                        rtol=rtol, force=force, quiet=quiet)
+                        rtol=rtol, accuracy_level=accuracy_level, force=force, quiet=quiet)
     if as_json:
         _emit_json(result)
         return
@@ -127,9 +128,9 @@ def export_cmd(
              f"precision   {result['precision']}, provider {result['provider']}, "
              f"{result['onnx_bytes'] / 1e6:.1f} MB on disk"]
     if v:
-        lines.append(f"validation  passed: logits max rel error {v['max_rel_error']:.1e} (max abs "
-                     f"{v['max_abs_error']:.2e}, tolerance {v['rtol']:.0e}); {v['greedy_tokens']} greedy tokens "
-                     f"identical on {v['prompts']} prompts ({v['provider']})")
+        from .artifact import validation_line
+
+        lines.append(f"validation  passed: {validation_line(v)} ({v['provider']})")
     else:
         lines.append("validation  skipped")
     sys.stdout.write("\n".join(lines) + "\n")

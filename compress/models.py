@@ -129,6 +129,13 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = 
     except (OSError, ValueError) as exc:
         raise UserError(f"{path / 'config.json'}: unreadable ({one_line(exc)})") from None
     check_model_type(model_type, path)
+    from .quantized import is_quantized, load_quantized
+
+    if is_quantized(path):
+        try:
+            return load_quantized(path, dtype=dtype)
+        except Exception as exc:
+            raise UserError(f"cannot load quantized weights from {path}: {one_line(exc)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True

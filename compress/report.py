@@ -47,9 +47,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     for s in report["stages"]:
         v = s.get("validation")
         if v:
-            lines += ["", f"Export `{s['name']}` validated against PyTorch ({v.get('provider', 'cpu')}): logits max relative "
-                      f"error {v['max_rel_error']:.1e} (max abs {v['max_abs_error']:.2e}, tolerance {v['rtol']:.0e}), "
-                      f"{v['greedy_tokens']} greedy tokens identical on {v['prompts']} prompts."]
+            from .artifact import validation_line
+
+            lines += ["", f"Export `{s['name']}` validated against PyTorch ({v.get('provider', 'cpu')}): "
+                      f"{validation_line(v)}."]
         if s.get("latency"):
             from .profiling.output import render_markdown as latency_table
 

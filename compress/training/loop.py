@@ -68,6 +68,9 @@ class TrainSettings:
 class Hooks:
     param_groups: Callable[[torch.nn.Module], list[dict]] | None = None
     after_step: Callable[[torch.nn.Module, int], None] | None = None
+    # state outside the trainable parameters that a resumed run needs (e.g. re-rounded codes)
+    state: Callable[[torch.nn.Module], dict] | None = None
+    load_state: Callable[[torch.nn.Module, dict], None] | None = None
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -151,6 +154,8 @@ def train(
                 for name, value in state["params"].items():
                     params[name].copy_(value)
             optimizer.load_state_dict(state["optimizer"])
+            if hooks.load_state and state.get("extra") is not None:
+                hooks.load_state(student, state["extra"])
             start_step, history = int(state["step"]), list(state["history"])
             if log and accelerator.is_main_process:
                 log(f"resuming from checkpoint at step {start_step}/{settings.steps}")
@@ -205,7 +210,8 @@ def train(
                 bar.update(1)
             done = step + 1
             if settings.checkpoint_every > 0 and done % settings.checkpoint_every == 0 and done < settings.steps:
-                _save_checkpoint(accelerator, unwrapped, optimizer, done, history, fingerprint, world, ckpt_path)
+                _save_checkpoint(accelerator, unwrapped, optimizer, done, history, fingerprint, world, ckpt_path,
+                                 hooks.state(unwrapped) if hooks.state else None)
     finally:
         if bar:
             bar.close()
@@ -235,7 +241,8 @@ class _null:
         return False
 
 
-def _save_checkpoint(accelerator, model, optimizer, step, history, fingerprint, world, path: Path) -> None:
+def _save_checkpoint(accelerator, model, optimizer, step, history, fingerprint, world, path: Path,
+                     extra: dict | None = None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +253,7 @@ def _save_checkpoint(accelerator, model, optimizer, step, history, fingerprint, 
             "history": list(history),
             "fingerprint": fingerprint,
             "world": world,
+            "extra": extra,
         }
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(state, tmp)

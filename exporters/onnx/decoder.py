@@ -43,8 +43,13 @@ def dense_linear(dtype: np.dtype) -> LinearWriter:
     return write
 
 
+#: A quantized tied embedding/head: ``(graph, input_ids) -> (hidden, head)`` where ``head(x)``
+#: writes the ``logits`` output from the final hidden state.
+TiedHeadWriter = Callable[[Graph, str], "tuple[str, Callable[[str], None]]"]
+
+
 def build_decoder(g: Graph, dw: DecoderWeights, *, dtype=np.float32, layout: LayoutOptions = LayoutOptions(),
-                  linear: LinearWriter | None = None) -> None:
+                  linear: LinearWriter | None = None, tied_head: TiedHeadWriter | None = None) -> None:
     dtype = np.dtype(dtype)
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     linear = linear or dense_linear(dtype)
@@ -74,7 +79,12 @@ def build_decoder(g: Graph, dw: DecoderWeights, *, dtype=np.float32, layout: Lay
     cos = g.initializer("cos_cache", dw.cos.astype(dtype))
     sin = g.initializer("sin_cache", dw.sin.astype(dtype))
 
-    if dw.tied and layout.lm_head == "shared":
+    head_fn = None
+    if tied_head is not None:
+        if not dw.tied:
+            raise ValueError("a quantized tied head needs tied embeddings")
+        hidden, head_fn = tied_head(g, ids)
+    elif dw.tied and layout.lm_head == "shared":
         # (d, V) serves the lm_head MatMul; the embedding gathers columns: (d, b, s) -> (b, s, d)
         embed = g.initializer("lm_head.weight", np.ascontiguousarray(dw.embed.T).astype(dtype))
         cols = g.op("Gather", [embed, ids], "/embed_tokens/Gather", axis=1)
@@ -141,7 +151,9 @@ def build_decoder(g: Graph, dw: DecoderWeights, *, dtype=np.float32, layout: Lay
         next_name = f"model.layers.{i + 1}.input_layernorm" if i + 1 < dw.num_layers else "model.norm"
         x, residual = skip_norm(residual, y, next_norm, next_name)
 
-    if dw.tied and layout.lm_head == "shared":
+    if head_fn is not None:
+        head_fn(x)
+    elif dw.tied and layout.lm_head == "shared":
         g.node("MatMul", [x, embed], "/lm_head/MatMul", outputs=["logits"])
     else:
         head = dw.embed if dw.tied else dw.lm_head

@@ -24,6 +24,7 @@ NP_TO_ONNX = {
     np.dtype("int64"): TensorProto.INT64,
     np.dtype("int32"): TensorProto.INT32,
     np.dtype("uint8"): TensorProto.UINT8,
+    np.dtype("uint8"): TensorProto.UINT8,
 }
 
 

@@ -112,11 +112,11 @@ class StepTimes:
 class Decoder:
     """An exported decoder in one ONNX Runtime session."""
 
-    def __init__(self, folder: Path, opts: RuntimeOptions = RuntimeOptions()):
+    def __init__(self, folder: Path, opts: RuntimeOptions = RuntimeOptions(), model_file: str = MODEL_FILE):
         self.folder = Path(folder)
         self.opts = opts
         self.info = read_info(self.folder)
-        path = self.folder / MODEL_FILE
+        path = self.folder / model_file
         if not path.is_file():
             raise UserError(f"{path} not found")
         self.session = make_session(path, opts)

@@ -63,6 +63,7 @@ class DecoderWeights:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    head_module: Any = None  # the torch lm_head (a QuantLinear when the tied head is quantized)
 
     @property
     def num_layers(self) -> int:
@@ -124,11 +125,13 @@ class LlamaExportSpec:
         half = head_dim // 2
         embed = _np(inner.embed_tokens.weight)
         head = model.get_output_embeddings().weight
-        tied = head.data_ptr() == inner.embed_tokens.weight.data_ptr()
+        # a quantized tied head is read through the embedding module (``head``), not shared storage
+        tied = (getattr(inner.embed_tokens, "head", None) is not None
+                or head.data_ptr() == inner.embed_tokens.weight.data_ptr())
         return DecoderWeights(
             model_type=cfg.model_type, vocab_size=embed.shape[0], hidden_size=embed.shape[1], head_dim=head_dim,
             num_heads=n_heads, num_kv_heads=n_kv, rms_norm_eps=float(cfg.rms_norm_eps), context_length=ctx,
-            embed=embed, lm_head=None if tied else _np(head), final_norm=_np(inner.norm.weight),
+            embed=embed, lm_head=None if tied else _np(head), head_module=model.get_output_embeddings(), final_norm=_np(inner.norm.weight),
             cos=_np(cos[0, :, :half]), sin=_np(sin[0, :, :half]), layers=layers,
             bos_token_id=getattr(cfg, "bos_token_id", None), eos_token_id=getattr(cfg, "eos_token_id", None),
             pad_token_id=getattr(cfg, "pad_token_id", None),

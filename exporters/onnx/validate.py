@@ -4,6 +4,12 @@ On fixed prompts: logits of the whole prompt (one forward without cache) and of 
 greedy decoding step (through the KV cache) are compared with PyTorch; the greedy
 tokens must be identical. The error is reported as max absolute and relative
 (``max |onnx - torch| / max |torch|``) over every compared position.
+
+One exception, stated and reported: where the deployed graph legitimately computes
+differently (MatMulNBits at ``accuracy_level`` 4 rounds activations to int8), a greedy step
+whose two candidates are within the logit tolerance in PyTorch (a near-tie:
+``logit[torch token] - logit[onnx token] <= rtol * max |logit|``) ends that prompt's
+comparison without failing; it is counted in ``near_ties``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ CHAT_PROMPT = "Explain in two sentences why the sky is blue."
 class ValidationSettings:
     rtol: float = 1e-3  # relative tolerance on logits
     greedy_tokens: int = 32  # greedy tokens that must be identical, per prompt
+    allow_near_ties: bool = False  # accept a divergence at a step whose top-2 are within tolerance
 
 
 def prompt_ids(tokenizer) -> list[list[int]]:
@@ -62,6 +69,7 @@ def validate(decoder, model, tokenizer, settings: ValidationSettings = Validatio
     max_abs = 0.0
     max_rel = 0.0
     mismatch = None
+    near_ties = []
     prompts = prompt_ids(tokenizer)
     for n, ids in enumerate(prompts):
         with torch.no_grad():
@@ -80,14 +88,20 @@ def validate(decoder, model, tokenizer, settings: ValidationSettings = Validatio
             max_abs = max(max_abs, diff)
             max_rel = max(max_rel, diff / max(float(np.abs(b).max()), 1e-12))
         if agree < settings.greedy_tokens and mismatch is None:
-            mismatch = (n, agree, tokens[agree], ref_tokens[agree])
+            step = ref_steps[agree]
+            margin = float(step[ref_tokens[agree]] - step[tokens[agree]])
+            if settings.allow_near_ties and margin <= settings.rtol * float(np.abs(step).max()):
+                near_ties.append({"prompt": n, "step": agree, "margin": margin})
+            else:
+                mismatch = (n, agree, tokens[agree], ref_tokens[agree])
     result = {
         "prompts": len(prompts),
         "max_abs_error": max_abs,
         "max_rel_error": max_rel,
         "rtol": settings.rtol,
         "greedy_tokens": settings.greedy_tokens,
-        "greedy_equal": mismatch is None,
+        "greedy_equal": mismatch is None and not near_ties,
+        "near_ties": near_ties,
     }
     if max_rel > settings.rtol:
         raise UserError(

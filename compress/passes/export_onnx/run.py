@@ -11,5 +11,6 @@ def export_onnx(parent: Artifact, cfg: ExportOnnxConfig, ctx: PassContext) -> di
     from exporters.onnx.export import ExportOptions, export_model
 
     opts = ExportOptions(precision=cfg.precision, provider=cfg.provider, validate=cfg.validation,
-                         rtol=cfg.rtol or None, greedy_tokens=cfg.greedy_tokens)
+                         rtol=cfg.rtol or None, greedy_tokens=cfg.greedy_tokens,
+                         accuracy_level=cfg.accuracy_level)
     return {"export": export_model(parent.path, ctx.out_dir, opts, log=ctx.log)}

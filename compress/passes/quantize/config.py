@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from ...config import Config, help_field
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig(Config):
+    """Weight-only group-wise quantization of every decoder Linear, then recovery distillation."""
+
+    VERSION: ClassVar[int] = 1
+    SECTION: ClassVar[str] = "quantize"
+
+    bits: int = help_field(4, "bits per decoder weight: 8, 4, 3 or 2 (3-bit codes export in 4-bit containers)")
+    group_size: int = help_field(128, "weights per scale along the input dimension (power of two, 16-256)")
+    sym: bool = help_field(False, "symmetric (zero point 2^(bits-1)) instead of integer zero points")
+    bits_overrides: dict[str, Any] = help_field(
+        {}, "regex on module names -> bits, e.g. {'layers\\.(0|29)\\.mlp\\.down_proj': 4}")
+    embeddings: Literal["keep", "8", "4"] = help_field(
+        "8", "tied embedding/lm_head: keep fp32, or 8/4-bit (one stored matrix serves both)")
+    embed_group_size: int = help_field(32, "group size of the quantized embedding/head (must divide hidden_size)")
+    init: Literal["rtn", "clip", "gptq"] = help_field(
+        "gptq", "initialization: rtn (min-max), clip (grid search on layer output error), gptq (no act-order)")
+    calibration_blocks: int = help_field(32, "calibration sequences (of data.seq_len tokens) for clip/gptq/Block-AP")
+    gptq_damp: float = help_field(0.01, "GPTQ dampening, fraction of the mean Hessian diagonal")
+    clip_grid: int = help_field(6, "clip search: shrink ratios tried per side (0% .. clip_max_shrink)")
+    clip_max_shrink: float = help_field(0.5, "clip search: largest shrink of the range per side")
+    block_ap: Literal["auto", "on", "off"] = help_field(
+        "auto", "block-wise reconstruction (EfficientQAT Block-AP) before recovery; auto = on below 4 bits")
+    block_ap_steps: int = help_field(64, "Block-AP optimizer steps per decoder layer")
+    block_ap_lr: float = help_field(1e-4, "Block-AP learning rate of scales and zero points")
+    block_ap_weight_lr: float = help_field(0.0, "Block-AP learning rate of the weights (0 = 2e-5 at 2-bit, 1e-5 above)")
+    block_ap_batch: int = help_field(2, "Block-AP sequences per step")
+    recovery: Literal["ste", "pv", "scales", "none"] = help_field(
+        "ste", "end-to-end recovery: ste (weights + scales, straight-through), pv (PV-Tuning: continuous "
+        "scales/norms + capped discrete code updates), scales (codes frozen), none")
+    steps: int = help_field(100, "recovery optimizer steps")
+    lr: float = help_field(1e-4, "recovery learning rate of scales, zero points and norms")
+    weight_lr: float = help_field(1e-5, "recovery learning rate of the straight-through weights (ste / pv)")
+    train_norms: bool = help_field(True, "also train RMSNorm weights during recovery")
+    pv_max_change: float = help_field(0.01, "pv: largest fraction of codes re-rounded per step")
+    warmup_steps: int = help_field(5, "linear warm-up steps")
+    min_lr_ratio: float = help_field(0.1, "cosine decay ends at lr * min_lr_ratio")
+    batch_size: int = help_field(2, "sequences per micro-batch (per process)")
+    grad_accum: int = help_field(1, "micro-batches per optimizer step")
+    max_grad_norm: float = help_field(1.0, "gradient clipping norm (0 = off)")
+    kl: float = help_field(1.0, "weight of forward KL(teacher || student) on logits")
+    squarehead: float = help_field(0.0, "weight of SquareHead (per-block normalized MSE)")
+    ce: float = help_field(0.0, "weight of next-token cross entropy")
+    temperature: float = help_field(1.0, "softmax temperature of the KL term")
+    heldout_blocks: int = help_field(4, "sequences held out of recovery to compare KL before/after (keep the better)")
+    checkpoint_every: int = help_field(25, "save a resumable checkpoint every N steps (0 = never)")
+    seed: int = help_field(0, "data-order seed")
+    threads: int = help_field(0, "torch threads (0 = all cores)")
+
+    def validate(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            self._fail("bits", f"must be 2, 3, 4 or 8, got {self.bits}")
+        if self.group_size < 16 or self.group_size > 256 or self.group_size & (self.group_size - 1):
+            self._fail("group_size", f"must be a power of two in 16..256, got {self.group_size}")
+        if self.embed_group_size < 16 or self.embed_group_size & (self.embed_group_size - 1):
+            self._fail("embed_group_size", f"must be a power of two >= 16, got {self.embed_group_size}")
+        for pattern, b in self.bits_overrides.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                self._fail("bits_overrides", f"bad regex {pattern!r}: {exc}")
+            if b not in (2, 3, 4, 8):
+                self._fail("bits_overrides", f"{pattern!r}: bits must be 2, 3, 4 or 8, got {b!r}")
+        if self.calibration_blocks < 1:
+            self._fail("calibration_blocks", "must be at least 1")
+        if not 0 <= self.gptq_damp < 1:
+            self._fail("gptq_damp", "must be in [0, 1)")
+        if self.clip_grid < 1 or not 0 <= self.clip_max_shrink < 1:
+            self._fail("clip_grid" if self.clip_grid < 1 else "clip_max_shrink", "clip_grid >= 1, clip_max_shrink in [0, 1)")
+        for key in ("block_ap_steps", "steps", "warmup_steps", "checkpoint_every", "threads", "heldout_blocks"):
+            if getattr(self, key) < 0:
+                self._fail(key, "must be >= 0")
+        for key in ("block_ap_lr", "lr"):
+            if not 0 < getattr(self, key) < 1:
+                self._fail(key, "must be in (0, 1)")
+        for key in ("block_ap_weight_lr", "weight_lr", "kl", "squarehead", "ce", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                self._fail(key, "must be >= 0")
+        if self.block_ap_batch < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            self._fail("batch_size", "batch sizes and grad_accum must be at least 1")
+        if not 0 < self.pv_max_change <= 1:
+            self._fail("pv_max_change", "must be in (0, 1]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            self._fail("min_lr_ratio", "must be in [0, 1]")
+        if self.recovery != "none" and self.steps > 0 and self.kl + self.squarehead + self.ce <= 0:
+            self._fail("kl", "at least one of kl, squarehead, ce must be > 0")
+        if self.temperature <= 0:
+            self._fail("temperature", "must be > 0")
+
+    def bits_for(self, name: str) -> int:
+        for pattern, b in self.bits_overrides.items():
+            if re.search(pattern, name):
+                return int(b)
+        return self.bits
+
+    def use_block_ap(self, bits: int) -> bool:
+        return self.block_ap == "on" or (self.block_ap == "auto" and bits < 4)

@@ -1,0 +1,139 @@
+"""Quantized export: ``com.microsoft.MatMulNBits`` carrying exactly the stored codes.
+
+Every quantized Linear becomes one ``MatMulNBits`` (packed q|k|v and gate|up concatenate
+their codes along N): ``B`` is the artifact's packed codes ``(N, kb, group*bits/8)`` (low
+bits first, blocks along K, a partial last block zero-padded), ``scales`` its fp32 scales,
+``zero_points`` its integer zero points packed the same way (omitted for symmetric codes in
+their own width, whose zero point is MatMulNBits' default ``2**(bits-1)``). 3-bit codes run
+in 4-bit containers. A quantized tied embedding/head is stored once: ``MatMulNBits`` for the
+head and ``GatherBlockQuantized`` for the embedding read the same ``B``.
+
+``accuracy_level`` (from the target: 4 on CPU = int8 activations per block) is written on
+every node; the validation runs the graph as deployed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from compress.ops import quant as Q
+
+from .graph import MS, Graph
+from .specs import DecoderWeights, LayerWeights
+
+PACKS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+def is_quant(module: Any) -> bool:
+    return module is not None and hasattr(module, "codes") and hasattr(module, "q")
+
+
+def nbits_tensors(mods: list) -> dict[str, Any]:
+    """Concatenated packed codes, scales and zero points of Linears sharing one format."""
+    import torch
+
+    fmt = {(m.q.bits, m.q.group, m.q.sym, m.in_features) for m in mods}
+    if len(fmt) != 1:
+        raise ValueError(f"packed Linears differ in format: {sorted(fmt)}")
+    bits, group, sym, k = fmt.pop()
+    with torch.no_grad():
+        codes = torch.cat([m.codes for m in mods], dim=0)
+        scale = torch.cat([m.scale.detach().float() for m in mods], dim=0)
+        zero = torch.cat([m.zero.detach().round() for m in mods], dim=0)
+    cb = Q.container_bits(bits)
+    tensors = {
+        "B": Q.pack_codes(codes, bits, group).numpy(),
+        "scales": scale.numpy().reshape(-1).astype(np.float32),
+        "bits": cb, "block_size": group, "K": k, "N": int(codes.shape[0]),
+    }
+    if not (sym and cb == bits):  # MatMulNBits' default zero point is 2**(cb-1)
+        tensors["zero_points"] = Q.pack_zero_points(zero, bits).numpy().reshape(-1)
+    return tensors
+
+
+def nbits_linear(fallback, accuracy_level: int, dtype=np.float32):
+    """A ``LinearWriter``: MatMulNBits for quantized Linears, ``fallback`` for the others."""
+    def write(g: Graph, x: str, layer: LayerWeights | None, key: str, w: np.ndarray, name: str) -> str:
+        keys = PACKS.get(key, (key,))
+        mods = [layer.modules.get(k) for k in keys] if layer is not None else []
+        if not mods or not all(is_quant(m) for m in mods):
+            if any(is_quant(m) for m in mods):
+                raise ValueError(f"{name}: only some of {keys} are quantized")
+            return fallback(g, x, layer, key, w, name)
+        t = nbits_tensors(mods)
+        t["scales"] = t["scales"].astype(dtype)  # MatMulNBits scales have A's type
+        return _matmul_nbits(g, x, t, name, accuracy_level)
+    return write
+
+
+def _matmul_nbits(g: Graph, x: str, t: dict, name: str, accuracy_level: int, b: str | None = None,
+                  output: str | None = None) -> str:
+    inputs = [x, b or g.initializer(f"{name}.qweight", t["B"]), g.initializer(f"{name}.scales", t["scales"])]
+    if "zero_points" in t:
+        inputs.append(g.initializer(f"{name}.qzeros", t["zero_points"]))
+    attrs = dict(K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=accuracy_level)
+    if output:
+        g.node("MatMulNBits", inputs, f"/{name}/MatMulNBits", outputs=[output], domain=MS, **attrs)
+        return output
+    return g.op("MatMulNBits", inputs, f"/{name}/MatMulNBits", domain=MS, **attrs)
+
+
+def tied_head_nbits(dw: DecoderWeights, accuracy_level: int, dtype=np.float32):
+    """A ``TiedHeadWriter`` for a quantized tied head: one stored ``B`` serves the embedding
+    (``GatherBlockQuantized``) and the head (``MatMulNBits``)."""
+    head = dw.head_module
+    t = nbits_tensors([head])
+    t["scales"] = t["scales"].astype(dtype)
+    if t["K"] % t["block_size"]:
+        raise ValueError(f"embedding group {t['block_size']} must divide hidden size {t['K']}")
+
+    def write(g: Graph, ids: str):
+        b = g.initializer("lm_head.qweight", t["B"])  # (V, kb, blob)
+        v, kb = t["N"], t["K"] // t["block_size"]
+        inputs = [b, ids, g.initializer("embed_tokens.scales", t["scales"].reshape(v, kb, 1))]
+        if "zero_points" in t:
+            zp = head.zero.detach().round().numpy().astype(np.uint8).reshape(v, kb, 1)
+            if t["bits"] == 4:  # GatherBlockQuantized packs uint8 zero points like its data: two per byte
+                inputs.append(g.initializer("embed_tokens.qzeros", _pack_last_axis4(zp)))
+            else:
+                inputs.append(g.initializer("embed_tokens.qzeros", zp))
+        gathered = g.op("GatherBlockQuantized", inputs, "/embed_tokens/GatherBlockQuantized", domain=MS,
+                        gather_axis=0, quantize_axis=2, block_size=t["block_size"], bits=t["bits"])
+        hidden = g.op("Reshape", [gathered, g.const([0, 0, t["K"]])], "/embed_tokens/Reshape")
+
+        def head_fn(x: str) -> None:
+            _matmul_nbits(g, x, t, "lm_head", accuracy_level, b=b, output="logits")
+        return hidden, head_fn
+    return write
+
+
+def _pack_last_axis4(a: np.ndarray) -> np.ndarray:
+    """uint8 values < 16 along the last axis, two per byte, low nibble first (odd length padded)."""
+    if a.shape[-1] % 2:
+        a = np.concatenate([a, np.zeros(a.shape[:-1] + (1,), dtype=a.dtype)], axis=-1)
+    return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
+
+
+def lut_gemm_supported() -> bool:
+    """Whether this ONNX Runtime build knows the 2-bit LUT GEMM session option (probe)."""
+    so = ort.SessionOptions()
+    try:
+        so.add_session_config_entry("mlas.use_lut_gemm", "1")
+    except Exception:
+        return False
+    return True
+
+
+def quant_summary(model) -> dict[str, Any] | None:
+    """Bits/groups of a fake-quant model's Linears (None if nothing is quantized)."""
+    mods = {n: m for n, m in model.named_modules() if is_quant(m)}
+    if not mods:
+        return None
+    fmts: dict[str, int] = {}
+    for m in mods.values():
+        key = f"{m.q.bits}-bit g{m.q.group} {'sym' if m.q.sym else 'asym'}"
+        fmts[key] = fmts.get(key, 0) + 1
+    return {"linears": len(mods), "formats": fmts, "bits": sorted({m.q.bits for m in mods.values()})}
