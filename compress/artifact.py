@@ -262,4 +262,4 @@ def validation_line(v: dict) -> str:
               f"(PyTorch top-2 within tolerance; first at step {ties[0]['step']} of prompt {ties[0]['prompt']})")
     acc = f", accuracy_level {v['accuracy_level']}" if v.get("accuracy_level") is not None else ""
     return (f"logits max relative error {v['max_rel_error']:.1e} (max abs {v['max_abs_error']:.2e}, tolerance "
-            f"{v['rtol']:.0e}{acc}); {greedy}")
+            f"{v['rtol']:.2g}{acc}); {greedy}")

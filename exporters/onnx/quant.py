@@ -117,14 +117,42 @@ def _pack_last_axis4(a: np.ndarray) -> np.ndarray:
     return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
 
 
-def lut_gemm_supported() -> bool:
-    """Whether this ONNX Runtime build knows the 2-bit LUT GEMM session option (probe)."""
-    so = ort.SessionOptions()
-    try:
-        so.add_session_config_entry("mlas.use_lut_gemm", "1")
-    except Exception:
-        return False
-    return True
+def probe_2bit() -> dict[str, Any]:
+    """What this ONNX Runtime does with 2-bit MatMulNBits on the CPU: a tiny graph is run with the
+    default kernels and with the opt-in LUT GEMM session option, each checked against numpy."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n, group = 128, 64, 32
+    codes = rng.integers(0, 4, (n, k), dtype=np.uint8)
+    scale = rng.uniform(0.01, 0.02, (n, k // group)).astype(np.float32)
+    zero = np.full((n, k // group), 2, dtype=np.uint8)
+    import torch
+
+    packed = Q.pack_codes(torch.from_numpy(codes), 2, group).numpy()
+    zp = Q.pack_zero_points(torch.from_numpy(zero.astype(np.float32)), 2).numpy().reshape(-1)
+    w = (codes.astype(np.float32) - np.repeat(zero, group, axis=1)) * np.repeat(scale, group, axis=1)
+    a = rng.standard_normal((2, k)).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain=MS, K=k, N=n, bits=2,
+                            block_size=group, accuracy_level=0)
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, n])],
+                              [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scale.reshape(-1), "S"),
+                               numpy_helper.from_array(zp, "Z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+    ref = a @ w.T
+    out: dict[str, Any] = {"onnxruntime": ort.__version__}
+    for key, opts in (("default", {}), ("lut_gemm", {"mlas.use_lut_gemm": "1"})):
+        so = ort.SessionOptions()
+        for kk, v in opts.items():
+            so.add_session_config_entry(kk, v)
+        try:
+            y = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+                None, {"A": a})[0]
+            out[key] = "runs, exact" if np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max() else "runs, WRONG results"
+        except Exception as exc:  # an ORT without the kernel
+            out[key] = f"fails: {str(exc).splitlines()[0][:120]}"
+    return out
 
 
 def quant_summary(model) -> dict[str, Any] | None:

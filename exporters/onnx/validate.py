@@ -106,7 +106,7 @@ def validate(decoder, model, tokenizer, settings: ValidationSettings = Validatio
     if max_rel > settings.rtol:
         raise UserError(
             f"export validation failed: logits differ from PyTorch by {max_rel:.2e} relative "
-            f"(max abs {max_abs:.3g}), above the tolerance {settings.rtol:.0e}"
+            f"(max abs {max_abs:.3g}), above the tolerance {settings.rtol:.2g}"
         )
     if mismatch is not None:
         n, pos, a, b = mismatch

@@ -18,7 +18,8 @@ class QuantizeConfig(Config):
     group_size: int = help_field(128, "weights per scale along the input dimension (power of two, 16-256)")
     sym: bool = help_field(False, "symmetric (zero point 2^(bits-1)) instead of integer zero points")
     bits_overrides: dict[str, Any] = help_field(
-        {}, "regex on module names -> bits, e.g. {'layers\\.(0|29)\\.mlp\\.down_proj': 4}")
+        {}, "regex on module names -> bits; {last} is the last layer's index, e.g. "
+        "{'layers\\.(0|{last})\\.mlp\\.down_proj$': 4}")
     embeddings: Literal["keep", "8", "4"] = help_field(
         "8", "tied embedding/lm_head: keep fp32, or 8/4-bit (one stored matrix serves both)")
     embed_group_size: int = help_field(32, "group size of the quantized embedding/head (must divide hidden_size)")
@@ -65,7 +66,7 @@ class QuantizeConfig(Config):
             self._fail("embed_group_size", f"must be a power of two >= 16, got {self.embed_group_size}")
         for pattern, b in self.bits_overrides.items():
             try:
-                re.compile(pattern)
+                re.compile(pattern.replace("{last}", "0"))
             except re.error as exc:
                 self._fail("bits_overrides", f"bad regex {pattern!r}: {exc}")
             if b not in (2, 3, 4, 8):
@@ -96,9 +97,10 @@ class QuantizeConfig(Config):
         if self.temperature <= 0:
             self._fail("temperature", "must be > 0")
 
-    def bits_for(self, name: str) -> int:
+    def bits_for(self, name: str, num_layers: int) -> int:
+        """Bits of one module: the first matching override (``{last}`` = the last layer's index)."""
         for pattern, b in self.bits_overrides.items():
-            if re.search(pattern, name):
+            if re.search(pattern.replace("{last}", str(num_layers - 1)), name):
                 return int(b)
         return self.bits
 

@@ -238,7 +238,7 @@ def _plan_bits(model, cfg: QuantizeConfig) -> dict[str, LinearQuant]:
     for i, _ in enumerate(model.model.layers):
         for rel in LINEARS:
             name = f"model.layers.{i}.{rel}"
-            plan[name] = LinearQuant(cfg.bits_for(name), cfg.group_size, cfg.sym)
+            plan[name] = LinearQuant(cfg.bits_for(name, len(model.model.layers)), cfg.group_size, cfg.sym)
     # packed exports (q|k|v, gate|up) need one format per pack
     for i, _ in enumerate(model.model.layers):
         for pack in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):

@@ -1,0 +1,372 @@
+"""Low-bit quantization: packing, initializers, the pass, masks, recovery, resume, MatMulNBits export."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compress.artifact import Artifact
+from compress.context import PassContext
+from compress.ops import quant as Q
+from compress.ops.losses import forward_kl
+from compress.passes.quantize.config import QuantizeConfig
+from compress.passes.quantize.run import clip_search, quantize
+from compress.quantized import LinearQuant, QuantLinear, int8_blockwise, load_quantized, quant_modules
+from conftest import run_cli
+from tiny import CORPUS, make_model, make_tokenizer
+
+PROFILE = Path(__file__).parent / "profiles" / "quantize-tiny.yaml"
+
+
+# ---------------------------------------------------------------- tensor math
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k,group", [(64, 16), (72, 32), (576, 128)])  # 72/32 and 576/128: partial last block
+def test_pack_unpack_round_trip(bits, k, group):
+    g = torch.Generator().manual_seed(bits * 1000 + k)
+    q = torch.randint(0, 2 ** bits, (5, k), generator=g, dtype=torch.uint8)
+    packed = Q.pack_codes(q, bits, group)
+    cb = Q.container_bits(bits)
+    assert packed.shape == (5, -(-k // group), group * cb // 8) and packed.dtype == torch.uint8
+    assert torch.equal(Q.unpack_codes(packed, bits, k), q)
+    kb = -(-k // group)
+    z = torch.randint(0, 2 ** bits, (5, kb), generator=g).float()
+    zp = Q.pack_zero_points(z, bits)
+    assert zp.shape == (5, -(-kb * cb // 8))
+    assert torch.equal(Q.unpack_zero_points(zp, bits, kb).float(), z)
+
+
+def test_low_bits_first():
+    q = torch.tensor([[1, 2] + [0] * 14], dtype=torch.uint8)
+    assert Q.pack_codes(q, 4, 16)[0, 0, 0] == 0x21
+    assert Q.pack_codes(torch.tensor([[1, 2, 3, 0] + [0] * 12], dtype=torch.uint8), 2, 16)[0, 0, 0] == 0b00111001
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_codes_in_range_and_zero_exact(bits, sym):
+    w = torch.randn(16, 72) * 3
+    w[0] = w[0].abs() + 1  # all-positive groups (32..71 of row 0): the range still includes 0
+    w[:, 7] = 0.0
+    s, z = Q.minmax_params(w, bits, 32, sym)
+    q = Q.quantize(w, s, z, bits, 32)
+    assert int(q.max()) <= 2 ** bits - 1
+    assert torch.equal(z, z.round()) and z.min() >= 0 and z.max() <= 2 ** bits - 1
+    if sym:
+        assert torch.all(z == 2 ** (bits - 1))
+    deq = Q.dequantize(q, s, z, 32)
+    assert torch.all(deq[:, 7] == 0)  # integer zero points represent 0 exactly
+
+
+def test_more_bits_less_error_and_partial_group_uses_own_range():
+    w = torch.randn(32, 72)
+    errs = {}
+    for bits in (2, 3, 4, 8):
+        s, z = Q.minmax_params(w, bits, 32, False)
+        errs[bits] = float((Q.dequantize(Q.quantize(w, s, z, bits, 32), s, z, 32) - w).pow(2).mean())
+    assert errs[8] < errs[4] / 100 < errs[3] / 100 < errs[2] / 100
+    # the last block (8 columns) gets its own range: scaling those columns up changes only its scale
+    w2 = w.clone()
+    w2[:, 64:] *= 10
+    s1, _ = Q.minmax_params(w, 4, 32, False)
+    s2, _ = Q.minmax_params(w2, 4, 32, False)
+    assert torch.equal(s1[:, :2], s2[:, :2]) and torch.all(s2[:, 2] > 5 * s1[:, 2])
+
+
+def _hessian(k, n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g) @ (torch.randn(k, k, generator=g) * 0.3 + torch.eye(k))  # correlated
+    return 2 * x.T @ x / n
+
+
+def _out_err(w, deq, h):
+    d = w - deq
+    return float(torch.einsum("nk,kj,nj->", d, h, d))
+
+
+def test_gptq_and_clip_search_beat_rtn_on_layer_output_error():
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    h = _hessian(128)
+    q = LinearQuant(3, 32, False)
+    s, z = Q.minmax_params(w, 3, 32, False)
+    rtn = _out_err(w, Q.dequantize(Q.quantize(w, s, z, 3, 32), s, z, 32), h)
+    codes, s_g, z_g = Q.gptq(w, h, 3, 32, False)
+    gptq = _out_err(w, Q.dequantize(codes, s_g, z_g, 32), h)
+    codes, s_c, z_c = clip_search(w, h, q, 6, 0.5)
+    clip = _out_err(w, Q.dequantize(codes, s_c, z_c, 32), h)
+    assert gptq < 0.8 * rtn
+    assert clip < rtn  # the grid includes "no shrink", so never worse per group
+    assert int(codes.max()) <= 7
+
+
+def test_gptq_keeps_masked_weights_at_zero():
+    torch.manual_seed(1)
+    w = torch.randn(16, 64)
+    mask = torch.rand(16, 64) > 0.5
+    w = w * mask
+    codes, s, z = Q.gptq(w, _hessian(64), 4, 16, False, mask=mask)
+    deq = Q.dequantize(codes, s, z, 16)
+    assert torch.all(deq[~mask] == 0)
+
+
+# ---------------------------------------------------------------- MatMulNBits semantics
+
+def _matmul_nbits(a, codes, s, z, bits, group, acc, sym=False):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    n, k = codes.shape
+    cb = Q.container_bits(bits)
+    inits = [numpy_helper.from_array(Q.pack_codes(codes, bits, group).numpy(), "B"),
+             numpy_helper.from_array(s.numpy().reshape(-1).astype(np.float32), "S")]
+    inputs = ["A", "B", "S"]
+    if not (sym and cb == bits):
+        inits.append(numpy_helper.from_array(Q.pack_zero_points(z, bits).numpy().reshape(-1), "Z"))
+        inputs.append("Z")
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=cb,
+                            block_size=group, accuracy_level=acc)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(a.shape))],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [a.shape[0], n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {"A": a.numpy()})[0])
+
+
+@pytest.mark.parametrize("bits,group,sym", [(2, 16, False), (3, 32, False), (4, 32, True), (4, 128, False),
+                                            (8, 64, False)])
+def test_matmul_nbits_computes_our_dequantized_weights(bits, group, sym):
+    torch.manual_seed(bits)
+    k = 96 if group <= 32 else 200  # partial last block in every case but one
+    w = torch.randn(40, k) * 0.1
+    s, z = Q.minmax_params(w, bits, group, sym)
+    codes = Q.quantize(w, s, z, bits, group)
+    deq = Q.dequantize(codes, s, z, group)
+    a = torch.randn(3, k)
+    a[:, 3] *= 20  # an outlier channel, as real activations have
+    ref = a @ deq.T
+    y0 = _matmul_nbits(a, codes, s, z, bits, group, 0, sym)
+    assert float((y0 - ref).abs().max() / ref.abs().max()) < 1e-5
+    if bits in (4, 8):  # accuracy_level 4: activations rounded to int8 per K block (symmetric)
+        y4 = _matmul_nbits(a, codes, s, z, bits, group, 4, sym)
+        ref4 = int8_blockwise(a, group) @ deq.T
+        assert float((y4 - ref4).abs().max() / ref4.abs().max()) < 1e-5
+        assert float((y4 - ref).abs().max() / ref.abs().max()) > 1e-4  # it really does round
+
+
+# ---------------------------------------------------------------- the pass, in-process
+
+def _tiny_parent(tmp_path: Path, sparsity: float = 0.0) -> Artifact:
+    model = make_model(320, seed=0)
+    tok = make_tokenizer()
+    manifest = {"id": "parent", "format": "hf"}
+    if sparsity:
+        names = []
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for n, m in model.named_modules():
+                if isinstance(m, torch.nn.Linear) and ".layers." in n:
+                    m.weight.mul_(torch.rand(m.weight.shape, generator=g) >= sparsity)
+                    names.append(n)
+        manifest["sparsity"] = {"kind": "unstructured", "modules": names}
+    path = tmp_path / "parent"
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return Artifact(path, manifest)
+
+
+def _blocks(tok, n=12, t=32):
+    ids = tok(CORPUS)["input_ids"]
+    return torch.tensor(ids[: n * t]).reshape(n, t)
+
+
+def _ctx(tmp_path: Path, parent: Artifact, name: str, teacher) -> PassContext:
+    out = tmp_path / name
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = _blocks(make_tokenizer())
+    return PassContext(artifact_id=name, out_dir=out, work_dir=tmp_path / f"{name}-work", teacher_path=parent.path,
+                       load_teacher=lambda: teacher, training_blocks=lambda: blocks, progress=None, log=lambda m: None)
+
+
+def _cfg(**kw):
+    base = dict(bits=4, group_size=32, init="gptq", calibration_blocks=6, block_ap="off", steps=6, lr=1e-3,
+                weight_lr=1e-4, warmup_steps=1, batch_size=2, checkpoint_every=2, threads=1, heldout_blocks=2,
+                embeddings="8")
+    base.update(kw)
+    return QuantizeConfig.from_dict(base)
+
+
+def _teacher(parent):
+    from compress.models import load_model
+
+    return load_model(parent.path)
+
+
+def test_masks_survive_init_block_ap_recovery_save_and_export(tmp_path):
+    parent = _tiny_parent(tmp_path, sparsity=0.5)
+    teacher = _teacher(parent)
+    cfg = _cfg(bits=3, block_ap="on", block_ap_steps=3, recovery="ste")
+    ctx = _ctx(tmp_path, parent, "q", teacher)
+    quantize(parent, cfg, ctx)
+    model = load_quantized(ctx.out_dir)
+    mods = quant_modules(model)
+    assert len(mods) == 2 * 7 + 1
+    for name in parent.manifest["sparsity"]["modules"]:
+        pruned = teacher.get_submodule(name).weight == 0
+        w = mods[name].weight
+        assert 0.45 < float(pruned.float().mean()) < 0.55
+        assert torch.all(w[pruned] == 0), name
+        assert int(mods[name].codes.max()) <= 7
+    # the export carries the same zeros: its logits match the fake-quant model at level 0
+    from exporters.onnx.export import ExportOptions, export_model
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    res = export_model(ctx.out_dir, out, ExportOptions(greedy_tokens=8))
+    assert res["validation"]["exact_codes"]["max_rel_error"] < 1e-4
+
+
+def test_recovery_lowers_kl_on_a_fixed_batch(tmp_path):
+    parent = _tiny_parent(tmp_path)
+    teacher = _teacher(parent)
+    ids = _blocks(make_tokenizer())[:2]
+    kls = {}
+    for steps in (0, 12):
+        cfg = _cfg(bits=2, group_size=32, init="rtn", recovery="ste" if steps else "none", steps=max(steps, 1),
+                   heldout_blocks=0, lr=3e-3, weight_lr=3e-3, embeddings="keep")
+        ctx = _ctx(tmp_path, parent, f"r{steps}", teacher)
+        ctx.training_blocks = lambda ids=ids: ids.repeat(4, 1)  # train on the batch it is scored on
+        quantize(parent, cfg, ctx)
+        with torch.no_grad():
+            kls[steps] = float(forward_kl(load_quantized(ctx.out_dir)(input_ids=ids).logits,
+                                          teacher(input_ids=ids).logits, None))
+    assert kls[12] < 0.7 * kls[0], kls
+
+
+@pytest.mark.parametrize("mode", ["ste", "pv"])
+def test_resumed_recovery_equals_uninterrupted(tmp_path, mode):
+    parent = _tiny_parent(tmp_path)
+    teacher = _teacher(parent)
+    cfg = _cfg(recovery=mode, steps=6, checkpoint_every=2, pv_max_change=0.05)
+    ref_ctx = _ctx(tmp_path, parent, "ref", teacher)
+    ref = quantize(parent, cfg, ref_ctx)
+
+    class Stop(Exception):
+        pass
+
+    import compress.passes.quantize.run as qrun
+
+    real_train = qrun.train
+
+    def train_then_die(*args, hooks=None, **kw):
+        inner = hooks.after_step
+
+        def after(model, step):
+            inner(model, step)
+            if step == 5:
+                raise Stop
+        hooks.after_step = after
+        return real_train(*args, hooks=hooks, **kw)
+
+    ctx = _ctx(tmp_path, parent, "killed", teacher)
+    qrun.train = train_then_die
+    try:
+        with pytest.raises(Stop):
+            quantize(parent, cfg, ctx)
+    finally:
+        qrun.train = real_train
+    shutil.rmtree(ctx.out_dir)
+    ctx.out_dir.mkdir()
+    res = quantize(parent, cfg, ctx)
+    tr = res["quantize"]["recovery"]["train"]
+    assert tr["resumed_from_step"] == 4
+    assert tr["history"] == ref["quantize"]["recovery"]["train"]["history"]
+    if mode == "pv":
+        assert tr["codes_changed"] >= 0
+    a, b = load_quantized(ref_ctx.out_dir), load_quantized(ctx.out_dir)
+    for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), n
+
+
+def test_keeps_initialization_when_recovery_hurts(tmp_path):
+    parent = _tiny_parent(tmp_path)
+    teacher = _teacher(parent)
+    cfg = _cfg(recovery="ste", steps=3, lr=0.5, weight_lr=0.5, heldout_blocks=3)  # absurd lr: recovery must lose
+    res = quantize(parent, cfg, _ctx(tmp_path, parent, "bad", teacher))["quantize"]["recovery"]
+    assert res["kl_heldout_recovered"] > res["kl_heldout_init"]
+    assert res["kept"] == "initialization"
+
+
+def test_bad_configs_rejected():
+    from compress.errors import UserError
+
+    for bad in ({"bits": 5}, {"group_size": 48}, {"group_size": 512}, {"bits_overrides": {"(": 4}},
+                {"bits_overrides": {"down_proj": 6}}, {"pv_max_change": 0}, {"embeddings": "16"}):
+        with pytest.raises(UserError):
+            QuantizeConfig.from_dict(bad)
+
+
+def test_mismatched_pack_overrides_refused(tmp_path):
+    from compress.errors import UserError
+
+    parent = _tiny_parent(tmp_path)
+    cfg = _cfg(bits_overrides={r"layers\.0\.self_attn\.k_proj": 8})
+    with pytest.raises(UserError, match="packed"):
+        quantize(parent, cfg, _ctx(tmp_path, parent, "x", _teacher(parent)))
+
+
+def test_quant_linear_modes_agree_at_start():
+    lin = torch.nn.Linear(72, 8)
+    q = LinearQuant(4, 32, False)
+    s, z = Q.minmax_params(lin.weight, 4, 32, False)
+    m = QuantLinear.from_linear(lin, q, Q.quantize(lin.weight, s, z, 4, 32), s, z)
+    x = torch.randn(2, 72)
+    with torch.no_grad():
+        ref = m(x)
+    for mode in ("ste", "pv"):
+        m.start(mode)
+        assert torch.allclose(m(x), ref, atol=1e-6)
+        m.freeze()
+        assert torch.allclose(m(x), ref, atol=1e-6)
+
+
+# ---------------------------------------------------------------- CLI pipeline
+
+def test_cli_quantize_export_pipeline(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("model", str(tiny_dir), "--profile", str(PROFILE), "--data", str(tiny_text), "--out", str(out),
+                "--json", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    st = {s["name"]: s for s in rep["stages"]}
+    q = st["01-quantize"]
+    assert q["parameters"] == st["00-source"]["parameters"]  # counted in weights, not packed bytes
+    assert q["weight_bytes"] < 0.45 * st["00-source"]["weight_bytes"]
+    assert q["perplexity"] < 1.5 * st["00-source"]["perplexity"]
+    onnx = st["02-export_onnx"]
+    v = onnx["validation"]
+    assert v["exact_codes"]["max_rel_error"] < 1e-4 and v["exact_codes"]["greedy_equal"]
+    assert v["accuracy_level"] == 4 and v["max_rel_error"] < 0.15
+    # the deployed ONNX is evaluated too, close to the fake-quant model
+    assert abs(onnx["perplexity"] / q["perplexity"] - 1) < 0.05
+    qc = json.loads((out / "stages" / "01-quantize" / "quantization.json").read_text())
+    assert qc["bits"] == 4 and qc["tied_head_quantized"] and len(qc["layers"]) == 15
+    # a rerun reuses every stage
+    r2 = run_cli("model", str(tiny_dir), "--profile", str(PROFILE), "--data", str(tiny_text), "--out", str(out),
+                 "--json", "--quiet")
+    assert r2.returncode == 0 and all(s["cached"] for s in json.loads(r2.stdout)["stages"])
+
+
+def test_cli_rejects_requantizing(tiny_dir, tiny_text, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("model", str(tiny_dir), "--profile", str(PROFILE), "--data", str(tiny_text), "--out", str(out),
+                "--quiet", "--set", "quantize.steps=1")
+    assert r.returncode == 0, r.stderr[-1000:]
+    r = run_cli("model", str(out / "stages" / "01-quantize"), "--profile", str(PROFILE), "--data", str(tiny_text),
+                "--out", str(tmp_path / "again"), "--quiet")
+    assert r.returncode != 0
+    assert "already quantized" in r.stderr and "Traceback" not in r.stderr
