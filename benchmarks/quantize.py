@@ -131,7 +131,7 @@ def build_base(work: Path, teacher: Path, rows: dict) -> None:
     for name, cfg in (("RTN 4-bit g32 asym", {"bits": 4, "group_size": 32}),
                       ("RTN 4-bit g128 asym", {"bits": 4, "group_size": 128}),
                       ("RTN 4-bit g128 sym", {"bits": 4, "group_size": 128, "sym": True}),
-                      ("GPTQ 4-bit g128 asym", {"bits": 4, "group_size": 128, "init": "gptq"}),
+                      ("GPTQ 4-bit g128 asym (MSE-clipped)", {"bits": 4, "group_size": 128, "init": "gptq"}),
                       ("RTN 3-bit g64 asym", {"bits": 3, "group_size": 64}),
                       ("RTN 2-bit g64 asym", {"bits": 2, "group_size": 64})):
         if name in rows:
@@ -212,7 +212,7 @@ def build_low(work: Path, rows: dict) -> None:
     if "ours 3-bit g64" not in rows:
         log("ours 3-bit g64")
         rep = profile_run("cpu-4bit", ["quantize.bits=3", "quantize.group_size=64", "quantize.block_ap=on",
-                                       "quantize.block_ap_steps=32", "profile_latency.runs=2"], work, "ours-3bit")
+                                       "quantize.block_ap_steps=16", "profile_latency.runs=2"], work, "ours-3bit")
         rows["ours 3-bit g64"] = ours_row("ours 3-bit g64", rep)
     if "ours 2-bit g64 (edge-2bit)" not in rows:
         log("ours 2-bit g64: compress model --profile edge-2bit")

@@ -99,6 +99,8 @@ def test_gptq_and_clip_search_beat_rtn_on_layer_output_error():
     codes, s_c, z_c = clip_search(w, h, q, 6, 0.5)
     clip = _out_err(w, Q.dequantize(codes, s_c, z_c, 32), h)
     assert gptq < 0.8 * rtn
+    codes, s_m, z_m = Q.gptq(w, h, 3, 32, False, shrinks=[1.0, 0.9, 0.8, 0.7])  # MSE-clipped GPTQ
+    assert _out_err(w, Q.dequantize(codes, s_m, z_m, 32), h) < 0.8 * rtn
     assert clip < rtn  # the grid includes "no shrink", so never worse per group
     assert int(codes.max()) <= 7
 

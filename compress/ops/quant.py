@@ -157,10 +157,29 @@ def unpack_zero_points(packed: torch.Tensor, bits: int, kb: int) -> torch.Tensor
 
 # ---------------------------------------------------------------- GPTQ (no act-order)
 
+def mse_params(w: torch.Tensor, bits: int, group: int, sym: bool, shrinks: list[float]):
+    """Per (row, group) the range shrink (both sides alike) whose grid has the least squared
+    weight error: MSE clipping of min-max scales."""
+    best = None
+    gw = grouped(w, group)
+    for a in shrinks:
+        s, z = minmax_params(w, bits, group, sym, shrink_max=a, shrink_min=a)
+        q = torch.clamp(torch.round(gw / s[..., None]) + z[..., None], 0, qmax(bits))
+        err = ((q - z[..., None]) * s[..., None] - gw).pow(2).sum(dim=2)
+        if best is None:
+            best = (err, s, z)
+        else:
+            better = err < best[0]
+            best = (torch.where(better, err, best[0]), torch.where(better, s, best[1]), torch.where(better, z, best[2]))
+    return best[1], best[2]
+
+
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, sym: bool, *,
-         damp: float = 0.01, block: int = 128, mask: torch.Tensor | None = None):
+         damp: float = 0.01, block: int = 128, mask: torch.Tensor | None = None,
+         shrinks: list[float] | None = None):
     """GPTQ (Frantar et al.) in natural column order, group-wise scales fixed from the
-    error-updated weights at each group's first column; returns (codes, scale, zero).
+    error-updated weights at each group's first column (min-max, or the best of ``shrinks``
+    by weight MSE); returns (codes, scale, zero).
 
     ``mask`` (N, K bool, True = kept) keeps pruned weights at exactly zero: they are
     quantized to the zero point and their error is not propagated.
@@ -188,7 +207,10 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, sym: boo
             col = b0 + i
             if col % group == 0:
                 gi = col // group
-                s, z = minmax_params(w1[:, i:i + group], bits, group, sym)
+                if shrinks:
+                    s, z = mse_params(w1[:, i:i + group], bits, group, sym, shrinks)
+                else:
+                    s, z = minmax_params(w1[:, i:i + group], bits, group, sym)
                 scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
             gi = col // group
             wc = w1[:, i]

@@ -27,6 +27,7 @@ class QuantizeConfig(Config):
         "gptq", "initialization: rtn (min-max), clip (grid search on layer output error), gptq (no act-order)")
     calibration_blocks: int = help_field(32, "calibration sequences (of data.seq_len tokens) for clip/gptq/Block-AP")
     gptq_damp: float = help_field(0.01, "GPTQ dampening, fraction of the mean Hessian diagonal")
+    gptq_mse_clip: bool = help_field(True, "GPTQ: choose each group's range by weight MSE among the clip shrinks")
     clip_grid: int = help_field(6, "clip search: shrink ratios tried per side (0% .. clip_max_shrink)")
     clip_max_shrink: float = help_field(0.5, "clip search: largest shrink of the range per side")
     block_ap: Literal["auto", "on", "off"] = help_field(
@@ -36,10 +37,10 @@ class QuantizeConfig(Config):
     block_ap_weight_lr: float = help_field(0.0, "Block-AP learning rate of the weights (0 = 2e-5 at 2-bit, 1e-5 above)")
     block_ap_batch: int = help_field(2, "Block-AP sequences per step")
     recovery: Literal["ste", "pv", "scales", "none"] = help_field(
-        "ste", "end-to-end recovery: ste (weights + scales, straight-through), pv (PV-Tuning: continuous "
-        "scales/norms + capped discrete code updates), scales (codes frozen), none")
+        "scales", "end-to-end recovery: scales (codes frozen; scales, zero points, norms trained: EfficientQAT E2E-QP), "
+        "ste (+ straight-through weights), pv (PV-Tuning: + capped discrete code updates), none")
     steps: int = help_field(100, "recovery optimizer steps")
-    lr: float = help_field(1e-4, "recovery learning rate of scales, zero points and norms")
+    lr: float = help_field(2e-4, "recovery learning rate of scales, zero points and norms")
     weight_lr: float = help_field(1e-5, "recovery learning rate of the straight-through weights (ste / pv)")
     train_norms: bool = help_field(True, "also train RMSNorm weights during recovery")
     pv_max_change: float = help_field(0.01, "pv: largest fraction of codes re-rounded per step")

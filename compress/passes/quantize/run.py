@@ -156,7 +156,9 @@ def clip_search(w: torch.Tensor, h: torch.Tensor, q: LinearQuant, grid: int, max
 def init_linear(lin, q: LinearQuant, cfg: QuantizeConfig, h: torch.Tensor | None, mask: torch.Tensor | None):
     w = lin.weight.detach().float()
     if cfg.init == "gptq":
-        codes, s, z = Q.gptq(w, h, q.bits, q.group, q.sym, damp=cfg.gptq_damp, mask=mask)
+        shrinks = ([1 - cfg.clip_max_shrink * i / max(cfg.clip_grid - 1, 1) for i in range(cfg.clip_grid)]
+                   if cfg.gptq_mse_clip else None)
+        codes, s, z = Q.gptq(w, h, q.bits, q.group, q.sym, damp=cfg.gptq_damp, mask=mask, shrinks=shrinks)
     elif cfg.init == "clip":
         codes, s, z = clip_search(w, h, q, cfg.clip_grid, cfg.clip_max_shrink, mask)
     else:
