@@ -261,5 +261,8 @@ def validation_line(v: dict) -> str:
               f"greedy tokens identical on {v['prompts']} prompts up to {len(ties)} near-tie(s) "
               f"(PyTorch top-2 within tolerance; first at step {ties[0]['step']} of prompt {ties[0]['prompt']})")
     acc = f", accuracy_level {v['accuracy_level']}" if v.get("accuracy_level") is not None else ""
+    exact = v.get("exact_codes")
+    codes = (f"; codes exact: at accuracy_level 0 max relative error {exact['max_rel_error']:.1e}, greedy tokens "
+             f"identical" if exact else "")
     return (f"logits max relative error {v['max_rel_error']:.1e} (max abs {v['max_abs_error']:.2e}, tolerance "
-            f"{v['rtol']:.2g}{acc}); {greedy}")
+            f"{v['rtol']:.2g}{acc}); {greedy}{codes}")
