@@ -9,7 +9,7 @@ shipped GGUF). Rows:
 - RTN 4-bit g32 asym, g128 asym, g128 sym; GPTQ 4-bit g128 — every decoder Linear, embeddings
   and head fp32 (the protocol of the independent RTN table in ../shared/ANCHORS.md), PyTorch
   fake-quant
-- ours 4-bit g128: ``compress model --profile cpu-4bit`` (GPTQ init, KL recovery, 8-bit tied
+- ours 4-bit g128: ``compress model --profile cpu-4bit`` (GPTQ init, Block-AP, KL recovery, 8-bit tied
   head), evaluated as deployed (ONNX Runtime, MatMulNBits accuracy_level 4) and as fake-quant
 - ONNX Runtime GenAI builder int4 (its default: symmetric block 32, int4 embedding/head)
 - llama.cpp Q4_0 made from the same weights (``llama_model_quantize`` of the shipped GGUF,
@@ -132,7 +132,8 @@ def build_base(work: Path, teacher: Path, rows: dict) -> None:
         log("teacher fp32")
         rows["teacher fp32"] = {"row": "teacher fp32", "kind": "reference", **evaluate(teacher, teacher),
                                 "size_bytes": weight_bytes(teacher), "evaluated_as": "PyTorch fp32"}
-    base = {"init": "rtn", "recovery": "none", "embeddings": "keep", "heldout_blocks": 0, "calibration_blocks": 32}
+    base = {"init": "rtn", "recovery": "none", "block_ap": "off", "embeddings": "keep", "heldout_blocks": 0,
+            "calibration_blocks": 32}
     for name, cfg in (("RTN 4-bit g32 asym", {"bits": 4, "group_size": 32}),
                       ("RTN 4-bit g128 asym", {"bits": 4, "group_size": 128}),
                       ("RTN 4-bit g128 sym", {"bits": 4, "group_size": 128, "sym": True}),
@@ -167,7 +168,6 @@ def llama_cpp_row(work: Path, teacher: Path) -> dict[str, Any]:
     import llama_cpp
     import numpy as np
 
-    from compress.data import user_data_spec
     from compress.models import load_tokenizer
     from compress.sources import embedded_gguf_path
 
@@ -187,7 +187,6 @@ def llama_cpp_row(work: Path, teacher: Path) -> dict[str, Any]:
     tok = load_tokenizer(teacher)
     text = (DATA / "test.txt").read_text()
     ids = tok(text, add_special_tokens=False)["input_ids"][:EVAL_TOKENS]
-    del user_data_spec
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=WINDOW, n_batch=WINDOW, n_threads=2, n_threads_batch=2,
                           logits_all=True, verbose=False)
     nll, n = 0.0, 0
@@ -220,7 +219,7 @@ def build_low(work: Path, teacher: Path, rows: dict) -> None:
     for name, profile, overrides in (
         ("ours 2-bit g64 (edge-2bit)", "edge-2bit", ["profile_latency.runs=2"]),
         ("ours 3-bit g64", "cpu-4bit", ["quantize.bits=3", "quantize.group_size=64", "quantize.block_ap=on",
-                                        "quantize.block_ap_steps=16", "profile_latency.runs=2"]),
+                                        "profile_latency.runs=2"]),
     ):
         if name in rows:
             continue

@@ -20,23 +20,28 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "results" / "quantize_recovery_sweep.json"
 
 
+def teacher_and_valid_ids(chars: int):
+    """The embedded teacher (folder, model) and the token ids of the first ``chars`` characters of
+    wikitext-2 *valid*."""
+    from compress.models import load_model, load_tokenizer, model_folder
+    from compress.sources import resolve_source_ref
+
+    teacher_dir = model_folder(resolve_source_ref(None))
+    text = (ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt").read_text()[:chars]
+    return teacher_dir, load_model(teacher_dir), load_tokenizer(teacher_dir)(text, add_special_tokens=False)["input_ids"]
+
+
 def main() -> int:
     import torch
 
     from compress.context import PassContext
-    from compress.models import load_model, load_tokenizer, model_folder
     from compress.passes.quantize.config import QuantizeConfig
     from compress.passes.quantize.run import _heldout_kl, _recover
     from compress.quantized import load_quantized
-    from compress.sources import resolve_source_ref
 
     init, settings = Path(sys.argv[1]), json.loads(sys.argv[2])
     torch.set_num_threads(2)
-    teacher_dir = model_folder(resolve_source_ref(None))
-    teacher = load_model(teacher_dir)
-    tok = load_tokenizer(teacher_dir)
-    text = (ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt").read_text()[:2_000_000]
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    teacher_dir, teacher, ids = teacher_and_valid_ids(2_000_000)
     n = len(ids) // 512
     blocks = torch.tensor(ids[: n * 512]).reshape(n, 512)
     held, train_blocks = blocks[-4:], blocks[:-4]

@@ -232,6 +232,23 @@ def test_masks_survive_init_block_ap_recovery_save_and_export(tmp_path):
     assert res["validation"]["exact_codes"]["max_rel_error"] < 1e-4
 
 
+def test_block_ap_lowers_layer_error_and_never_keeps_a_worse_layer(tmp_path):
+    parent = _tiny_parent(tmp_path)
+    teacher = _teacher(parent)
+    cfg = _cfg(bits=2, group_size=32, init="rtn", block_ap="on", block_ap_steps=12, block_ap_lr=1e-3,
+               block_ap_weight_lr=1e-3, recovery="none", embeddings="keep")
+    ctx = _ctx(tmp_path, parent, "ap", teacher)
+    layers = quantize(parent, cfg, ctx)["quantize"]["layers"]
+    recs = [r["block_ap"] for r in layers]
+    assert len(recs) == len(teacher.model.layers)
+    for r in recs:
+        if r["kept"] == "trained":
+            assert r["mse_calib_after"] < r["mse_calib_before"]
+        else:  # rolled back to the initialization: the saved layer is the initial one
+            assert r["kept"] == "initialization" and r["mse_calib_after"] >= r["mse_calib_before"]
+    assert any(r["kept"] == "trained" and r["mse_calib_after"] < 0.9 * r["mse_calib_before"] for r in recs), recs
+
+
 def test_recovery_lowers_kl_on_a_fixed_batch(tmp_path):
     parent = _tiny_parent(tmp_path)
     teacher = _teacher(parent)

@@ -33,8 +33,9 @@ class QuantizeConfig(Config):
     block_ap: Literal["auto", "on", "off"] = help_field(
         "auto", "block-wise reconstruction (EfficientQAT Block-AP) before recovery; auto = on below 4 bits")
     block_ap_steps: int = help_field(64, "Block-AP optimizer steps per decoder layer")
-    block_ap_lr: float = help_field(1e-4, "Block-AP learning rate of scales and zero points")
-    block_ap_weight_lr: float = help_field(0.0, "Block-AP learning rate of the weights (0 = 2e-5 at 2-bit, 1e-5 above)")
+    block_ap_lr: float = help_field(3e-4, "Block-AP learning rate of scales and zero points")
+    block_ap_weight_lr: float = help_field(
+        3e-3, "Block-AP learning rate of the straight-through weights (0 = train scales and zero points only)")
     block_ap_batch: int = help_field(2, "Block-AP sequences per step")
     recovery: Literal["ste", "pv", "scales", "none"] = help_field(
         "scales", "end-to-end recovery: scales (codes frozen; scales, zero points, norms trained: EfficientQAT E2E-QP), "

@@ -187,15 +187,16 @@ def _row(kw: dict, i: int, batch: int) -> dict:
     return {k: cut(v) for k, v in kw.items()}
 
 
-def block_ap(layer, x_q, y_fp, cfg: QuantizeConfig, bits: int, seed: int) -> dict:
+def block_ap(layer, x_q, y_fp, cfg: QuantizeConfig, seed: int) -> dict:
     """Train one layer's quantized weights (straight-through), scales and zero points to map
     the quantized-path inputs onto the full-precision outputs (MSE)."""
     mods = [m for m in layer.modules() if isinstance(m, QuantLinear)]
+    before = _layer_mse(layer, x_q, y_fp)
+    snap = {id(m): (m.codes.clone(), m.scale.detach().clone(), m.zero.detach().clone()) for m in mods}
     for m in mods:
         m.start("ste")
-    weight_lr = cfg.block_ap_weight_lr or (2e-5 if bits <= 2 else 1e-5)
     groups = [{"params": [m.scale for m in mods], "lr": cfg.block_ap_lr},
-              {"params": [m.latent for m in mods], "lr": weight_lr}]
+              {"params": [m.latent for m in mods], "lr": cfg.block_ap_weight_lr}]
     zeros = [m.zero for m in mods if m.zero.requires_grad]
     if zeros:
         groups.append({"params": zeros, "lr": cfg.block_ap_lr})
@@ -230,7 +231,24 @@ def block_ap(layer, x_q, y_fp, cfg: QuantizeConfig, bits: int, seed: int) -> dic
         last = v
     for m in mods:
         m.freeze()
-    return {"mse_first": first, "mse_last": last}
+    after = _layer_mse(layer, x_q, y_fp)
+    kept = "trained"
+    if not after < before:  # a noisy few-step run can overshoot: never leave the layer worse than its init
+        for m in mods:
+            codes, scale, zero = snap[id(m)]
+            m.set_codes(codes, scale, zero)
+        kept = "initialization"
+    return {"mse_calib_before": before, "mse_calib_after": after, "kept": kept,
+            "mse_batch_first": first, "mse_batch_last": last}
+
+
+def _layer_mse(layer, x_q, y_fp) -> float:
+    """Mean squared error of the layer's outputs on every calibration sequence against the targets."""
+    tot, n = 0.0, 0
+    for y, t in zip(_run_layer(layer, x_q), y_fp):
+        tot += float(F.mse_loss(y, t, reduction="sum"))
+        n += t.numel()
+    return tot / max(n, 1)
 
 
 # ---------------------------------------------------------------- the pass
@@ -310,7 +328,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> dict[st
             rec = {"layer": i, "init_rel_error": errs}
             if any_ap and cfg.use_block_ap(min(layer_bits)):
                 with torch.enable_grad():
-                    rec["block_ap"] = block_ap(layer, x_q, y_fp, cfg, min(layer_bits), cfg.seed * 1000 + i)
+                    rec["block_ap"] = block_ap(layer, x_q, y_fp, cfg, cfg.seed * 1000 + i)
             if x_q is not None and i + 1 < len(layers):
                 x_q = [(y, kw) for y, (_, kw) in zip(_run_layer(layer, x_q), x_q)]
             if x_fp is not None:
