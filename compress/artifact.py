@@ -264,5 +264,10 @@ def validation_line(v: dict) -> str:
     exact = v.get("exact_codes")
     codes = (f"; codes exact: at accuracy_level 0 max relative error {exact['max_rel_error']:.1e}, greedy tokens "
              f"identical" if exact else "")
-    return (f"logits max relative error {v['max_rel_error']:.1e} (max abs {v['max_abs_error']:.2e}, tolerance "
-            f"{v['rtol']:.2g}{acc}); {greedy}{codes}")
+    if v.get("kl_tol") is not None:
+        logits = (f"next-token distributions mean KL {v['mean_kl']:.2e} nats (tolerance {v['kl_tol']:.2g}{acc}; "
+                  f"logits max relative error {v['max_rel_error']:.1e}, max abs {v['max_abs_error']:.2e})")
+    else:
+        logits = (f"logits max relative error {v['max_rel_error']:.1e} (max abs {v['max_abs_error']:.2e}, tolerance "
+                  f"{v['rtol']:.2g}{acc})")
+    return f"{logits}; {greedy}{codes}"

@@ -109,7 +109,7 @@ def export_cmd(
     precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16"),
     provider: str = typer.Option("cpu", "--provider", help="execution provider named in genai_config.json: cpu or cuda"),
     no_validate: bool = typer.Option(False, "--no-validate", help="skip the comparison with PyTorch (not recommended)"),
-    rtol: float = typer.Option(0.0, "--rtol", help="relative logit tolerance (0 = 1e-3 fp32, 2e-2 fp16, 0.3 quantized at level 4)"),
+    rtol: float = typer.Option(0.0, "--rtol", help="relative logit tolerance (0 = 1e-3 fp32, 2e-2 fp16; quantized at level >= 2: mean KL <= 0.1 nats instead)"),
     accuracy_level: int = typer.Option(4, "--accuracy-level", help="MatMulNBits accuracy_level for quantized models (0-4; 4 = int8 activations)"),
     force: bool = typer.Option(False, "--force", help="replace an existing, different --out folder"),
     as_json: bool = typer.Option(False, "--json", help="print only the JSON result"),

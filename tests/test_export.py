@@ -125,6 +125,22 @@ def test_validation_reports_greedy_mismatch(tiny_dir, tiny_export):
         validate(Decoder(tiny_export), model, load_tokenizer(tiny_dir), ValidationSettings(rtol=1e9))
 
 
+def test_kl_criterion_replaces_max_relative_error(tiny_dir, tiny_export):
+    from compress.models import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    with torch.no_grad():  # a slightly different model: greedy tokens unchanged, logits off by a few %
+        model.model.norm.weight.mul_(1.05)
+    with pytest.raises(UserError, match="logits differ"):  # the default criterion: max relative error
+        validate(Decoder(tiny_export), model, tok, ValidationSettings(rtol=1e-3))
+    v = validate(Decoder(tiny_export), model, tok, ValidationSettings(rtol=1e-3, kl_tol=1e-2))
+    assert v["max_rel_error"] > 1e-2 and 0 < v["mean_kl"] < 1e-2 and v["kl_tol"] == 1e-2
+    with torch.no_grad():  # far off: the distributions differ, the KL criterion fails too
+        model.model.norm.weight.mul_(-1)
+    with pytest.raises(UserError, match=r"mean KL .* above the tolerance 0.01"):
+        validate(Decoder(tiny_export), model, tok, ValidationSettings(rtol=1e9, kl_tol=1e-2, allow_near_ties=True))
+
+
 def test_fp16_export_validates(tiny_dir, tmp_path):
     res = _export(tiny_dir, tmp_path / "onnx", precision="fp16")
     v = res["validation"]

@@ -370,6 +370,7 @@ def test_cli_quantize_export_pipeline(tiny_dir, tiny_text, tmp_path):
     v = onnx["validation"]
     assert v["exact_codes"]["max_rel_error"] < 1e-4 and v["exact_codes"]["greedy_equal"]
     assert v["accuracy_level"] == 4 and v["max_rel_error"] < 0.15
+    assert v["kl_tol"] == 0.1 and 0 < v["mean_kl"] < 0.01  # judged by distributions at level 4
     # the deployed ONNX is evaluated too, close to the fake-quant model
     assert abs(onnx["perplexity"] / q["perplexity"] - 1) < 0.05
     qc = json.loads((out / "stages" / "01-quantize" / "quantization.json").read_text())

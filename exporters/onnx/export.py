@@ -37,10 +37,16 @@ COPIED_FILES = (
 DEFAULT_RTOL = {"fp32": 1e-3, "fp16": 2e-2}
 #: Quantized exports compare against the fake-quant PyTorch model. With accuracy_level 4 ONNX
 #: Runtime rounds activations to int8 per block: one op matches an int8 emulation to 1e-6, but
-#: rounding flips from 1e-6 upstream differences compound over 30 layers (SmolLM2: 0.10-0.17 max
-#: relative logit error), so level 4 gets a loose bound *plus* an exact check of the codes at
-#: level 0 (``exact_codes``) and a perplexity/KL evaluation of the deployed graph.
+#: rounding flips from 1e-6 upstream differences compound over 30 layers. The max relative
+#: logit error is an extreme value that grows with the model's fragility (SmolLM2 4-bit: 0.07-0.17;
+#: 2-bit g64: 0.61 at a prompt's first positions) while the distributions stay equal (2-bit
+#: deployed vs fake-quant perplexity 60.68 vs 60.72 on 4,096 test tokens). So levels >= 2 are
+#: judged by the mean KL(PyTorch || ONNX) over the compared positions (SmolLM2 4-bit: 0.010,
+#: 2-bit: 0.042 nats on the validation prompts), *plus* an exact check of the codes at level 0
+#: (``exact_codes``) and a perplexity/KL evaluation of the deployed graph; QUANT_RTOL is then the
+#: near-tie margin of the greedy comparison.
 QUANT_RTOL = {0: 1e-3, 1: 1e-3, 2: 2e-2, 3: 2e-2, 4: 0.3}
+QUANT_KL_TOL = 0.1
 
 
 @dataclass(frozen=True)
@@ -118,8 +124,9 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
             provider = "cpu"
         rtol = opts.rtol or max(DEFAULT_RTOL[opts.precision], QUANT_RTOL.get(opts.accuracy_level, 0.3) if quantized else 0)
         # int8 activations (accuracy_level 4) can flip a near-tie; exact kernels may not
-        settings = ValidationSettings(rtol=rtol, greedy_tokens=opts.greedy_tokens,
-                                      allow_near_ties=bool(quantized) and opts.accuracy_level >= 2)
+        lossy = bool(quantized) and opts.accuracy_level >= 2
+        settings = ValidationSettings(rtol=rtol, greedy_tokens=opts.greedy_tokens, allow_near_ties=lossy,
+                                      kl_tol=QUANT_KL_TOL if lossy and not opts.rtol else None)
         t1 = time.perf_counter()
         exact = None
         if quantized and opts.accuracy_level != 0:
@@ -135,6 +142,7 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
         v = result["validation"]
         ties = f", {len(v['near_ties'])} prompt(s) ended at a near-tie" if v.get("near_ties") else ""
         log(f"validation passed: logits max rel error {v['max_rel_error']:.1e} (max abs {v['max_abs_error']:.2e}), "
+            f"mean KL {v['mean_kl']:.2e} nats, "
             f"{v['greedy_tokens']} greedy tokens identical on {v['prompts']} prompts{ties}")
     else:
         result["validation"] = None
