@@ -62,8 +62,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value in allowed:
+        if value in allowed and not isinstance(value, bool):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no (e.g. --set x=on) as booleans
+            names = ("on", "true", "yes") if value else ("off", "false", "no")
+            for a in allowed:
+                if str(a).lower() in names:
+                    return a
+        elif isinstance(value, (int, float)):  # embeddings: 8 for the choice "8"
+            for a in allowed:
+                if isinstance(a, str) and a == str(value):
+                    return a
         if isinstance(value, str):
             for a in allowed:
                 if str(a).lower() == value.strip().lower():

@@ -44,6 +44,18 @@ def test_string_values_are_coerced_and_checked():
         EvalConfig.from_dict({"window": True})
 
 
+def test_yaml_booleans_and_numbers_reach_string_choices():
+    # YAML 1.1 reads `--set quantize.block_ap=on` as True and `embeddings: 8` as 8
+    q = get_pass("quantize").config
+    assert q.from_dict({"block_ap": True}).block_ap == "on" and q.from_dict({"block_ap": False}).block_ap == "off"
+    assert q.from_dict({"embeddings": 8}).embeddings == "8"
+    assert get_pass("distill").config.from_dict({"bf16": False}).bf16 == "off"
+    _, key, value = parse_override("quantize.block_ap=on")
+    assert q.from_dict({key: value}).block_ap == "on"
+    with pytest.raises(UserError, match="expected one of"):
+        q.from_dict({"embeddings": 5})
+
+
 def test_parse_override():
     assert parse_override("distill.lr=1e-4") == ("distill", "lr", "1e-4")
     assert parse_override("evaluation.window=256") == ("evaluation", "window", 256)
