@@ -28,6 +28,7 @@ merges into the same JSON, so the long rows can be produced in separate invocati
     python benchmarks/quantize.py --only ours4     # compress --profile cpu-4bit
     python benchmarks/quantize.py --only low       # 3-bit and 2-bit rows
     python benchmarks/quantize.py --only speed     # timing of every deployable row present
+    python benchmarks/quantize.py --only answers   # greedy continuation of "The capital of France is"
 """
 
 from __future__ import annotations
@@ -281,9 +282,54 @@ def build_speed(work: Path, rows: dict, args) -> dict[str, Any]:
             "runs": args.runs, "warmup_rounds": 1, "systems": out}
 
 
+PROMPT = "The capital of France is"
+
+
+def build_answers(work: Path, teacher: Path, rows: dict) -> dict[str, Any]:
+    """Greedy continuation (8 tokens, EOS ignored) of PROMPT by the teacher and every deployable row,
+    each in its own runtime: onnxruntime-genai for ONNX folders, llama.cpp for the GGUF."""
+    import torch
+
+    from compress.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(teacher)
+    ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    n = 8
+    with torch.no_grad():
+        out = load_model(teacher).generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    answers = {"teacher fp32": out[0, len(ids):].tolist()}
+    for r in rows.values():
+        if r.get("onnx"):
+            import onnxruntime_genai as og
+
+            model = og.Model(str(r["onnx"]))
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(ids)
+            got = []
+            for _ in range(n):
+                gen.generate_next_token()
+                got.append(int(gen.get_next_tokens()[0]))
+            answers[r["row"]] = got
+        elif r.get("gguf"):
+            import llama_cpp
+
+            llm = llama_cpp.Llama(model_path=str(r["gguf"]), n_ctx=256, verbose=False)
+            got = []
+            for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                got.append(int(t))
+                if len(got) == n:
+                    break
+            answers[r["row"]] = got
+    return {"prompt": PROMPT, "new_tokens": n,
+            "continuations": {k: {"text": tok.decode(v), "tokens": v} for k, v in answers.items()}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="base,ours4,low,speed", help="comma list of: base, ours4, low, speed")
+    ap.add_argument("--only", default="base,ours4,low,speed,answers",
+                    help="comma list of: base, ours4, low, speed, answers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -323,7 +369,7 @@ def main() -> int:
 
     save_rows = lambda _rows: save()  # noqa: E731 (rows are saved as they finish)
     commands = result.setdefault("commands", {})
-    for g in ("base", "ours4", "low", "speed"):
+    for g in ("base", "ours4", "low", "speed", "answers"):
         if g not in groups:
             continue
         commands[g] = "python benchmarks/quantize.py --only " + g
@@ -334,6 +380,8 @@ def main() -> int:
             build_ours4(args.work, rows)
         elif g == "low":
             build_low(args.work, teacher, rows)
+        elif g == "answers":
+            result["answers"] = build_answers(args.work, teacher, rows)
         else:
             result["speed"] = build_speed(args.work, rows, args)
             result["speed"]["command"] = "python benchmarks/quantize.py --only speed " + " ".join(
@@ -356,6 +404,10 @@ def render(result: dict) -> str:
         cs = f"{r['compress_seconds']:.0f}" if r.get("compress_seconds") else "—"
         lines.append(f"| {r['row']} | {r['perplexity']:.3f} | {r.get('ratio_to_teacher', 0):.3f} | {kl} | "
                      f"{r['size_bytes'] / 1e6:.1f} | {dec} | {pre} | {cs} | {r['evaluated_as']} |")
+    ans = (result.get("answers") or {}).get("continuations")
+    if ans:
+        lines += ["", f"Greedy continuation of {result['answers']['prompt']!r}:", ""]
+        lines += [f"- {k}: {v['text']!r}" for k, v in ans.items()]
     return "\n".join(lines)
 
 
