@@ -29,6 +29,7 @@ merges into the same JSON, so the long rows can be produced in separate invocati
     python benchmarks/quantize.py --only low       # 3-bit and 2-bit rows
     python benchmarks/quantize.py --only speed     # timing of every deployable row present
     python benchmarks/quantize.py --only answers   # greedy continuation of "The capital of France is"
+    python benchmarks/quantize.py --only long      # cpu-4bit with 5x the recovery steps (200)
 """
 
 from __future__ import annotations
@@ -214,6 +215,19 @@ def build_ours4(work: Path, rows: dict) -> None:
         save_rows(rows)
 
 
+LONG_STEPS = 200
+
+
+def build_long(work: Path, rows: dict) -> None:
+    """What a longer recovery buys: ``cpu-4bit`` with 5x its recovery steps, nothing else changed."""
+    name = f"ours 4-bit g128, {LONG_STEPS} recovery steps"
+    if name not in rows:
+        log(name)
+        rows[name] = ours_row(name, profile_run("cpu-4bit", [f"quantize.steps={LONG_STEPS}", "profile_latency.runs=2"],
+                                                work, f"cpu-4bit-steps{LONG_STEPS}"))
+        save_rows(rows)
+
+
 def build_low(work: Path, teacher: Path, rows: dict) -> None:
     """3- and 2-bit rows: the pipeline evaluates its stages on the first 4,096 test tokens (to save
     time), then the deployed ONNX model is evaluated on the full protocol."""
@@ -329,7 +343,7 @@ def build_answers(work: Path, teacher: Path, rows: dict) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="base,ours4,low,speed,answers",
-                    help="comma list of: base, ours4, low, speed, answers")
+                    help="comma list of: base, ours4, low, speed, answers, long")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -369,7 +383,7 @@ def main() -> int:
 
     save_rows = lambda _rows: save()  # noqa: E731 (rows are saved as they finish)
     commands = result.setdefault("commands", {})
-    for g in ("base", "ours4", "low", "speed", "answers"):
+    for g in ("base", "ours4", "low", "speed", "answers", "long"):
         if g not in groups:
             continue
         commands[g] = "python benchmarks/quantize.py --only " + g
@@ -380,6 +394,8 @@ def main() -> int:
             build_ours4(args.work, rows)
         elif g == "low":
             build_low(args.work, teacher, rows)
+        elif g == "long":
+            build_long(args.work, rows)
         elif g == "answers":
             result["answers"] = build_answers(args.work, teacher, rows)
         else:
