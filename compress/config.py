@@ -66,17 +66,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no (e.g. --set x=on) as booleans
             names = ("on", "true", "yes") if value else ("off", "false", "no")
-            for a in allowed:
-                if str(a).lower() in names:
-                    return a
-        elif isinstance(value, (int, float)):  # embeddings: 8 for the choice "8"
-            for a in allowed:
-                if isinstance(a, str) and a == str(value):
-                    return a
-        if isinstance(value, str):
-            for a in allowed:
-                if str(a).lower() == value.strip().lower():
-                    return a
+        elif isinstance(value, (str, int, float)):  # any case; numbers reach string choices (embeddings: 8)
+            names = (str(value).strip().lower(),)
+        else:
+            names = ()
+        for a in allowed:
+            if str(a).lower() in names:
+                return a
         raise UserError(f"{where}: expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):

@@ -35,10 +35,12 @@ def cross_entropy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Ten
     return _masked_mean(nll.view(targets.shape), prediction_mask(mask, input_ids.shape))
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-position KL(p || q) of softmax(logits / T), ``(B, T)``."""
-    logp = F.log_softmax(p_logits.float() / temperature, dim=-1)
-    logq = F.log_softmax(q_logits.float() / temperature, dim=-1)
+def softmax_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position KL(p || q) of softmax(logits / T) over the last dimension, in at least float32
+    (float64 logits stay float64)."""
+    dtype = torch.promote_types(p_logits.dtype, torch.float32)
+    logp = F.log_softmax(p_logits.to(dtype) / temperature, dim=-1)
+    logq = F.log_softmax(q_logits.to(dtype) / temperature, dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
@@ -47,7 +49,7 @@ def forward_kl(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """KL(p_teacher || p_student), scaled by T^2, mean over predicting positions."""
-    kl = _kl(teacher_logits[:, :-1], student_logits[:, :-1], temperature)
+    kl = softmax_kl(teacher_logits[:, :-1], student_logits[:, :-1], temperature)
     return temperature**2 * _masked_mean(kl, prediction_mask(mask, student_logits.shape[:2]))
 
 
@@ -56,7 +58,7 @@ def reverse_kl(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """KL(p_student || p_teacher), scaled by T^2, mean over predicting positions."""
-    kl = _kl(student_logits[:, :-1], teacher_logits[:, :-1], temperature)
+    kl = softmax_kl(student_logits[:, :-1], teacher_logits[:, :-1], temperature)
     return temperature**2 * _masked_mean(kl, prediction_mask(mask, student_logits.shape[:2]))
 
 

@@ -53,17 +53,6 @@ def prompt_ids(tokenizer) -> list[list[int]]:
     return [p for p in prompts if len(p) >= 2]
 
 
-def _kl_rows(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """KL(ref || got) of each row's softmax, float64."""
-    lp = ref.astype(np.float64)
-    lq = got.astype(np.float64)
-    lp = lp - lp.max(-1, keepdims=True)
-    lq = lq - lq.max(-1, keepdims=True)
-    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
-    lq = lq - np.log(np.exp(lq).sum(-1, keepdims=True))
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
 def _torch_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
     """Greedy tokens and each step's logits, with the model's own KV cache, no EOS stop."""
     import torch
@@ -83,6 +72,8 @@ def _torch_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[np
 def validate(decoder, model, tokenizer, settings: ValidationSettings = ValidationSettings()) -> dict[str, Any]:
     """Compare an ONNX ``Decoder`` with the PyTorch ``model``; raise UserError on a mismatch."""
     import torch
+
+    from compress.ops.losses import softmax_kl
 
     max_abs = 0.0
     max_rel = 0.0
@@ -106,9 +97,9 @@ def validate(decoder, model, tokenizer, settings: ValidationSettings = Validatio
             diff = float(np.abs(a - b).max())
             max_abs = max(max_abs, diff)
             max_rel = max(max_rel, diff / max(float(np.abs(b).max()), 1e-12))
-            kl = _kl_rows(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+            kl = softmax_kl(torch.from_numpy(b).double(), torch.from_numpy(a).double())
             kl_sum += float(kl.sum())
-            kl_rows += kl.size
+            kl_rows += kl.numel()
         if agree < settings.greedy_tokens and mismatch is None:
             step = ref_steps[agree]
             margin = float(step[ref_tokens[agree]] - step[tokens[agree]])
