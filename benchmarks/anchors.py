@@ -65,15 +65,15 @@ class GenaiRunner:
         t = time.perf_counter()
         gen.append_tokens(prompt)
         gen.generate_next_token()
-        gen.get_next_tokens()
+        tokens = [gen.get_next_tokens()]
         prefill = time.perf_counter() - t
         decode = []
         for _ in range(new_tokens - 1):
             t = time.perf_counter()
             gen.generate_next_token()
-            gen.get_next_tokens()
+            tokens.append(gen.get_next_tokens())
             decode.append(time.perf_counter() - t)
-        return {"prefill": prefill, "decode": decode}
+        return {"prefill": prefill, "decode": decode, "tokens": [int(x[0]) for x in tokens]}
 
 
 class LlamaCppRunner:
@@ -86,19 +86,20 @@ class LlamaCppRunner:
 
     def run(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
         self.llm.reset()
-        decode = []
+        decode, tokens = [], []
         t = time.perf_counter()
         prefill = None
-        for i, _tok in enumerate(self.llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+        for i, tok in enumerate(self.llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
             now = time.perf_counter()
             if i == 0:
                 prefill = now - t
             else:
                 decode.append(now - t)
+            tokens.append(int(tok))
             if i + 1 == new_tokens:
                 break
             t = time.perf_counter()
-        return {"prefill": prefill, "decode": decode}
+        return {"prefill": prefill, "decode": decode, "tokens": tokens}
 
 
 def make_runner(system: dict[str, Any], threads: int):

@@ -299,9 +299,11 @@ def build_speed(work: Path, rows: dict, args) -> dict[str, Any]:
 PROMPT = "The capital of France is"
 
 
-def build_answers(work: Path, teacher: Path, rows: dict) -> dict[str, Any]:
+def build_answers(teacher: Path, rows: dict, threads: int) -> dict[str, Any]:
     """Greedy continuation (8 tokens, EOS ignored) of PROMPT by the teacher and every deployable row,
-    each in its own runtime: onnxruntime-genai for ONNX folders, llama.cpp for the GGUF."""
+    each in its own runtime (the anchors' runners): onnxruntime-genai for ONNX folders, llama.cpp for
+    the GGUF."""
+    import anchors
     import torch
 
     from compress.models import load_model, load_tokenizer
@@ -314,28 +316,9 @@ def build_answers(work: Path, teacher: Path, rows: dict) -> dict[str, Any]:
     answers = {"teacher fp32": out[0, len(ids):].tolist()}
     for r in rows.values():
         if r.get("onnx"):
-            import onnxruntime_genai as og
-
-            model = og.Model(str(r["onnx"]))
-            params = og.GeneratorParams(model)
-            params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
-            gen = og.Generator(model, params)
-            gen.append_tokens(ids)
-            got = []
-            for _ in range(n):
-                gen.generate_next_token()
-                got.append(int(gen.get_next_tokens()[0]))
-            answers[r["row"]] = got
+            answers[r["row"]] = anchors.GenaiRunner(Path(r["onnx"]), threads).run(ids, n)["tokens"]
         elif r.get("gguf"):
-            import llama_cpp
-
-            llm = llama_cpp.Llama(model_path=str(r["gguf"]), n_ctx=256, verbose=False)
-            got = []
-            for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-                got.append(int(t))
-                if len(got) == n:
-                    break
-            answers[r["row"]] = got
+            answers[r["row"]] = anchors.LlamaCppRunner(Path(r["gguf"]), threads).run(ids, n)["tokens"]
     return {"prompt": PROMPT, "new_tokens": n,
             "continuations": {k: {"text": tok.decode(v), "tokens": v} for k, v in answers.items()}}
 
@@ -397,7 +380,7 @@ def main() -> int:
         elif g == "long":
             build_long(args.work, rows)
         elif g == "answers":
-            result["answers"] = build_answers(args.work, teacher, rows)
+            result["answers"] = build_answers(teacher, rows, args.threads)
         else:
             result["speed"] = build_speed(args.work, rows, args)
             result["speed"]["command"] = "python benchmarks/quantize.py --only speed " + " ".join(
