@@ -76,10 +76,17 @@ def convert_gguf(gguf_path: Path, dest: Path, artifact_id: str, *, quiet: bool =
     model.load_state_dict(src.state_dict(), assign=True, strict=True)
     model.tie_weights()
     model.generation_config = src.generation_config
-    fixes = _fix_special_tokens(tok, config)
+    eos_id = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    files, fixes = _gguf_tokenizer_files(gguf_path, eos_id)
+    if files is None:
+        fixes = _fix_special_tokens(tok, config)
     with staging_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp, legacy_format=False)  # tokenizer.json only (no 98 MB slow vocab)
+        if files is None:  # SentencePiece: transformers' converter reads it as it is
+            tok.save_pretrained(tmp, legacy_format=False)  # tokenizer.json only (no 98 MB slow vocab)
+        else:  # byte-level BPE: written from the GGUF's metadata (compress.tokenizer says why)
+            for name, text in files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
         manifest = make_manifest(
             id=artifact_id, parent=None, pass_name="source", pass_version=1,
             config={"origin": str(gguf_path), "format": "gguf", "dequantized_to": "float32"},
@@ -88,10 +95,32 @@ def convert_gguf(gguf_path: Path, dest: Path, artifact_id: str, *, quiet: bool =
         atomic_write_json(tmp / MANIFEST, manifest)
 
 
+def _gguf_tokenizer_files(gguf_path: Path, eos_id: int | None) -> tuple[dict[str, str] | None, list[str]]:
+    """The byte-level BPE tokenizer files of a GGUF (None for SentencePiece), and notes on what was changed."""
+    import gguf
+
+    from .tokenizer import genai_caveats, gguf_bpe_tokenizer_files
+
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+        field = reader.fields.get("tokenizer.ggml.eos_token_id")
+        gguf_eos = int(field.contents()) if field is not None else None
+    except Exception as exc:
+        raise UserError(f"cannot read GGUF {gguf_path}: {one_line(exc)}") from None
+    notes = []
+    if eos_id is not None and gguf_eos is not None and gguf_eos != eos_id:
+        notes.append(f"tokenizer eos_token_id {gguf_eos} (GGUF) replaced by the model's eos_token_id {eos_id}")
+    files = gguf_bpe_tokenizer_files(reader, eos_token_id=eos_id)
+    if files is not None:
+        notes += genai_caveats(files["tokenizer.json"])
+    return files, notes
+
+
 def _fix_special_tokens(tok, config) -> list[str]:
-    """GGUF tokenizers can carry an EOS that disagrees with the model's (SmolLM2: the
-    GGUF says ``<|im_start|>``, the model ends turns with ``<|im_end|>``). The model's
-    ``eos_token_id`` wins, so generation stops and EOS is kept in training text."""
+    """SentencePiece GGUF tokenizers as transformers converts them can carry an EOS that
+    disagrees with the model's. The model's ``eos_token_id`` wins, so generation stops and
+    EOS is kept in training text. (Byte-level BPE tokenizers are written by
+    ``compress.tokenizer`` with the model's EOS to begin with.)"""
     notes = []
     eos_id = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     if eos_id is not None and tok.eos_token_id != eos_id:
@@ -164,11 +193,21 @@ def teacher_folder(artifact_path: Path) -> Path | None:
     return path
 
 
+def forward_with_cache(model, input_ids, cache=None):
+    """``(logits, cache)`` of one forward with the model's own KV cache, under transformers 4.x
+    (``past_key_values``) and 5.x (``cache``; ``past_key_values`` is deprecated there)."""
+    import inspect
+
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **({key: cache} if cache is not None else {}))
+    return out.logits, (out["cache"] if "cache" in out.keys() else out.past_key_values)
+
+
 def chat(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     """Greedy answer to one user message, with the model's chat template."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
-    )
+    from .tokenizer import chat_ids
+
+    ids = torch.tensor([chat_ids(tokenizer, [{"role": "user", "content": prompt}])])
     with torch.no_grad():
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
@@ -178,6 +217,6 @@ def chat(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
 
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "chat", "convert_gguf", "load_model", "load_source",
+    "SUPPORTED_MODEL_TYPES", "chat", "convert_gguf", "forward_with_cache", "load_model", "load_source",
     "load_tokenizer", "model_folder", "teacher_folder",
 ]

@@ -300,13 +300,16 @@ def load_quantized(path: Path, *, dtype: torch.dtype = torch.float32) -> nn.Modu
         raise ValueError(f"weights do not match the model: missing {really_missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False) and not qc.get("tied_head_quantized"):
         model.tie_weights()
-    # rotary buffers were created on meta: rebuild them
+    # rotary buffers were created on meta: rebuild them from a fresh module (transformers 4.x keeps
+    # original_inv_freq as an attribute, 5.x as a buffer; both build from the config alone)
     for mod in model.modules():
         if hasattr(mod, "inv_freq") and getattr(mod, "inv_freq").is_meta:
-            inv_freq, scaling = mod.rope_init_fn(mod.config, torch.device("cpu"))
-            mod.register_buffer("inv_freq", inv_freq, persistent=False)
-            mod.original_inv_freq = inv_freq
-            mod.attention_scaling = scaling
+            with torch.device("cpu"):
+                fresh = type(mod)(mod.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                mod.register_buffer(name, buf, persistent=False)
+            mod.original_inv_freq = fresh.original_inv_freq
+            mod.attention_scaling = fresh.attention_scaling
     model.to(dtype)
     for m in quant_modules(model).values():
         m.scale.data = m.scale.data.float()

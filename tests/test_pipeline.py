@@ -95,6 +95,8 @@ def test_distilled_model_reloads_and_keeps_tied_weights(tiny_dir, tiny_text, tmp
     _run(tiny_dir, tiny_text, tmp_path / "r")
     m = load_model(tmp_path / "r" / "stages" / "01-distill")
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # carried verbatim, never re-serialized
+        assert (tmp_path / "r" / "stages" / "01-distill" / name).read_bytes() == (tiny_dir / name).read_bytes()
     assert m.config.head_dim == 16
 
 
@@ -129,3 +131,37 @@ def test_concurrent_run_into_same_folder_is_refused(tiny_dir, tiny_text, tmp_pat
         with pytest.raises(UserError, match="another compress run"):
             _run(tiny_dir, tiny_text, out)
     assert _run(tiny_dir, tiny_text, out)["stages"][1]["cached"]
+
+
+def test_report_ends_with_teacher_vs_compressed_table():
+    from compress.report import render_markdown, summary_table
+
+    def lat(kind, runtime, decode, prefill):
+        return {"kind": kind, "runtime": runtime, "device": "cpu", "threads": 2,
+                "decode_tokens_per_second": {"median": decode}, "prefill_tokens_per_second": {"median": prefill}}
+
+    stage = {"parameters": 100, "notes": [], "validation": None, "latency": None}
+    report = {
+        "profile": "quick-4bit", "model": "m", "training_data": None, "tool_version": "0", "created": "now",
+        "total_seconds": 1.0, "evaluation": {"data": "held-out", "max_tokens": 1024, "window": 512},
+        "stages": [
+            {**stage, "index": 0, "name": "00-source", "pass": "source", "format": "hf", "weight_bytes": 500e6,
+             "perplexity": 20.0, "kl": 0.0, "top1_agreement": 1.0},
+            {**stage, "index": 1, "name": "01-quantize", "pass": "quantize", "format": "quantized",
+             "weight_bytes": 95e6, "perplexity": 24.0, "kl": 0.2, "top1_agreement": 0.8},
+            {**stage, "index": 2, "name": "02-export_onnx", "pass": "export_onnx", "format": "onnx",
+             "weight_bytes": 100e6, "perplexity": 25.0, "kl": 0.25, "top1_agreement": 0.75},
+            {**stage, "index": 3, "name": "03-profile_latency", "pass": "profile_latency", "format": "onnx",
+             "weight_bytes": 100e6, "perplexity": 25.0, "kl": 0.25, "top1_agreement": 0.75,
+             "latency": [lat("onnx", "onnxruntime", 190.0, 850.0), lat("pytorch", "pytorch eager", 19.0, 425.0)]},
+        ],
+    }
+    tail = "\n".join(summary_table(report))
+    assert "compressed (`02-export_onnx`)" in tail  # the deployed export, not the profiling stage
+    assert "| perplexity | 20.000 | 25.000 | ×1.250 |" in tail
+    assert "| weights on disk, MB | 500.0 | 100.0 | ×0.200 |" in tail
+    assert "| decode tok/s | 19.0 | 190.0 | ×10.00 |" in tail and "| prefill tok/s | 425.0 | 850.0 | ×2.00 |" in tail
+    report["stages"][3]["latency"] = None
+    assert render_markdown(report).rstrip().endswith("the compressed model as deployed.")  # printed last, under the prompt
+    report["stages"] = report["stages"][:1]  # nothing compressed: no table
+    assert "Teacher vs compressed" not in render_markdown(report)

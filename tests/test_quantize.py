@@ -356,6 +356,8 @@ def test_quant_linear_modes_agree_at_start():
 # ---------------------------------------------------------------- CLI pipeline
 
 def test_cli_quantize_export_pipeline(tiny_dir, tiny_text, tmp_path):
+    from compress.tokenizer import TOKENIZER_FILES
+
     out = tmp_path / "run"
     r = run_cli("model", str(tiny_dir), "--profile", str(PROFILE), "--data", str(tiny_text), "--out", str(out),
                 "--json", "--quiet")
@@ -375,6 +377,11 @@ def test_cli_quantize_export_pipeline(tiny_dir, tiny_text, tmp_path):
     assert abs(onnx["perplexity"] / q["perplexity"] - 1) < 0.05
     qc = json.loads((out / "stages" / "01-quantize" / "quantization.json").read_text())
     assert qc["bits"] == 4 and qc["tied_head_quantized"] and len(qc["layers"]) == 15
+    # every stage and the export carry the source's tokenizer byte for byte (never re-serialized)
+    for stage in ("01-quantize", "02-export_onnx"):
+        for name in TOKENIZER_FILES:
+            if (tiny_dir / name).is_file():  # (transformers 5 writes no special_tokens_map.json)
+                assert (out / "stages" / stage / name).read_bytes() == (tiny_dir / name).read_bytes(), (stage, name)
     # a rerun reuses every stage
     r2 = run_cli("model", str(tiny_dir), "--profile", str(PROFILE), "--data", str(tiny_text), "--out", str(out),
                  "--json", "--quiet")

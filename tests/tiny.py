@@ -33,7 +33,7 @@ def make_tokenizer():
     tok.train_from_iterator([CORPUS], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
-        pad_token="<|im_end|>",
+        pad_token="<|im_end|>", model_input_names=["input_ids", "attention_mask"],
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast

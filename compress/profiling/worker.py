@@ -74,16 +74,17 @@ class TorchRunner:
     def run(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
         torch, device = self.torch, self.device
         decode = []
+        from ..models import forward_with_cache
+
         with torch.inference_mode():
             t = time.perf_counter()
-            out = self.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-            tok = int(out.logits[0, -1].argmax())  # int() synchronizes CUDA
+            logits, cache = forward_with_cache(self.model, torch.tensor([prompt], device=device))
+            tok = int(logits[0, -1].argmax())  # int() synchronizes CUDA
             prefill = time.perf_counter() - t
             for _ in range(new_tokens - 1):
                 t = time.perf_counter()
-                out = self.model(input_ids=torch.tensor([[tok]], device=device), past_key_values=out.past_key_values,
-                                 use_cache=True)
-                tok = int(out.logits[0, -1].argmax())
+                logits, cache = forward_with_cache(self.model, torch.tensor([[tok]], device=device), cache)
+                tok = int(logits[0, -1].argmax())
                 decode.append(time.perf_counter() - t)
         return {"prefill": prefill, "decode": decode}
 

@@ -30,6 +30,8 @@ class LayoutOptions:
     # tied embeddings: "shared" stores one (d, V) matrix that the lm_head MatMul reads and the embedding
     # gathers columns of (smallest on disk); "separate" stores the (V, d) embedding and a (d, V) copy
     lm_head: str = "shared"
+    # a position_ids input (what Hugging Face loops such as optimum's ORTModelForCausalLM expect)
+    position_ids: bool = True
 
 
 #: How a Linear becomes graph nodes: (graph, x, layer_weights, key, weight (in, out), name) -> output.
@@ -57,6 +59,12 @@ def build_decoder(g: Graph, dw: DecoderWeights, *, dtype=np.float32, layout: Lay
 
     ids = g.input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     mask = g.input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    # Rotary positions of this call's tokens, GroupQueryAttention's optional input 9: a one-token step is
+    # rotated at its position_ids; a multi-token call at position_ids[:, 0] + 0, 1, 2, ... (consecutive
+    # positions, which is what Hugging Face loops such as optimum's ORTModelForCausalLM and
+    # onnxruntime-genai feed; tests/test_consumers.py checks that the input is used).
+    position_ids = g.input("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]) \
+        if layout.position_ids else ""
     pasts = []
     for i in range(dw.num_layers):
         pasts.append((
@@ -124,7 +132,8 @@ def build_decoder(g: Graph, dw: DecoderWeights, *, dtype=np.float32, layout: Lay
                                          f"{p}.attn.{k}_proj") for k in ("q", "k", "v"))
         attn = g.node(
             "GroupQueryAttention",
-            [q_in, k_in, v_in, pasts[i][0], pasts[i][1], seqlens_k, total_len, cos, sin],
+            [q_in, k_in, v_in, pasts[i][0], pasts[i][1], seqlens_k, total_len, cos, sin]
+            + ([position_ids] if position_ids else []),
             f"/{p}/attn/GroupQueryAttention",
             outputs=[f"/{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
             domain=MS, num_heads=lw.num_heads // hd, kv_num_heads=kvh, scale=float(hd) ** -0.5,

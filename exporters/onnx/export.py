@@ -20,6 +20,7 @@ import numpy as np
 
 from compress.artifact import ONNX_CONFIG, weight_bytes
 from compress.errors import UserError
+from compress.tokenizer import copy_tokenizer_files
 
 from .decoder import LayoutOptions, build_decoder
 from .genai import genai_config
@@ -28,11 +29,9 @@ from .runtime import Decoder, RuntimeOptions, check_provider
 from .specs import spec_for
 from .validate import ValidationSettings, validate
 
-#: Files copied from the source folder when present (tokenizer, chat template, HF config for reference).
-COPIED_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "chat_template.jinja", "generation_config.json", "config.json",
-)
+#: Files copied from the source folder besides the tokenizer's: the HF config (optimum's
+#: ORTModelForCausalLM reads it) and the generation defaults.
+COPIED_FILES = ("generation_config.json", "config.json")
 #: Relative logit tolerance by precision (fp16 keeps ~3 significant digits).
 DEFAULT_RTOL = {"fp32": 1e-3, "fp16": 2e-2}
 #: Quantized exports compare against the fake-quant PyTorch model. With accuracy_level 4 ONNX
@@ -100,8 +99,10 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
         g.abort()
         raise
     g.save(metadata={"producer": "compress", "precision": opts.precision})
-    (out / ONNX_CONFIG).write_text(json.dumps(genai_config(dw, provider=opts.provider), indent=4))
+    (out / ONNX_CONFIG).write_text(json.dumps(
+        genai_config(dw, provider=opts.provider, position_ids=opts.layout.position_ids), indent=4))
     del dw
+    copy_tokenizer_files(src, out)  # verbatim: what the source's consumers read, every runtime reads
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)

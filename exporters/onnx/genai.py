@@ -8,7 +8,8 @@ from .specs import DecoderWeights
 
 
 def genai_config(dw: DecoderWeights, *, provider: str = "cpu", filename: str = "model.onnx",
-                 provider_options: dict | None = None, max_length: int | None = None) -> dict[str, Any]:
+                 provider_options: dict | None = None, max_length: int | None = None,
+                 position_ids: bool = True) -> dict[str, Any]:
     eos = dw.eos_token_id
     pad = dw.pad_token_id if dw.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
     session: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
@@ -26,6 +27,7 @@ def genai_config(dw: DecoderWeights, *, provider: str = "cpu", filename: str = "
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
+                    **({"position_ids": "position_ids"} if position_ids else {}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },

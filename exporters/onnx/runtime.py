@@ -122,6 +122,7 @@ class Decoder:
         self.session = make_session(path, opts)
         kinds = {i.name: i.type for i in self.session.get_inputs()}
         self.info.dtype = _ORT_TYPES.get(kinds.get("past_key_values.0.key"), np.float32)
+        self.has_position_ids = "position_ids" in kinds  # exports before compress 0.1 (pass version 1) had none
         self.device = "cuda" if opts.provider == "cuda" else "cpu"
 
     # ----------------------------------------------------------------- full-sequence logits
@@ -131,6 +132,8 @@ class Decoder:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         b = ids.shape[0]
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if self.has_position_ids:
+            feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
         empty = np.zeros((b, self.info.num_kv_heads, 0, self.info.head_dim), self.info.dtype)
         for i in range(self.info.num_layers):
             feeds[f"past_key_values.{i}.key"] = empty
@@ -176,6 +179,7 @@ class Decoder:
                 logit_bufs[length] = (None, ort.OrtValue.ortvalue_from_shape_and_type(
                     (1, length, info.vocab_size), info.dtype, self.device, 0))
         mask = np.ones((1, max_len), dtype=np.int64)
+        positions = np.arange(max_len, dtype=np.int64).reshape(1, -1)
         out: list[int] = []
         eos = set(info.eos_token_id)
         ids = prompt
@@ -185,6 +189,8 @@ class Decoder:
             host, value = logit_bufs[ids.shape[1]]
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("attention_mask", mask[:, :total])
+            if self.has_position_ids:
+                binding.bind_cpu_input("position_ids", positions[:, total - ids.shape[1]:total])
             binding.bind_ortvalue_output("logits", value)
             self.session.run_with_iobinding(binding)
             logits = (host if host is not None else value.numpy())[0, -1]

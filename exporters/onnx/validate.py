@@ -46,10 +46,11 @@ class ValidationSettings:
 
 
 def prompt_ids(tokenizer) -> list[list[int]]:
+    from compress.tokenizer import chat_ids
+
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True)
-        prompts.append(list(ids))
+        prompts.append(chat_ids(tokenizer, [{"role": "user", "content": CHAT_PROMPT}]))
     return [p for p in prompts if len(p) >= 2]
 
 
@@ -57,15 +58,17 @@ def _torch_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[np
     """Greedy tokens and each step's logits, with the model's own KV cache, no EOS stop."""
     import torch
 
+    from compress.models import forward_with_cache
+
     tokens, logits_seen = [], []
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), use_cache=True)
+        logits, cache = forward_with_cache(model, torch.tensor([ids]))
         for _ in range(steps):
-            last = out.logits[0, -1].float()
+            last = logits[0, -1].float()
             logits_seen.append(last.numpy().copy())
             tok = int(last.argmax())
             tokens.append(tok)
-            out = model(input_ids=torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+            logits, cache = forward_with_cache(model, torch.tensor([[tok]]), cache)
     return tokens, logits_seen
 
 

@@ -10,7 +10,7 @@ from ...config import Config, help_field
 class DistillConfig(Config):
     """Distillation fine-tuning from the frozen teacher (the pipeline's input model)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: the parent's tokenizer files are copied verbatim (were re-saved)
     SECTION: ClassVar[str] = "distill"
 
     steps: int = help_field(100, "optimizer steps")

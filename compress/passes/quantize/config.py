@@ -11,7 +11,7 @@ from ...config import Config, help_field
 class QuantizeConfig(Config):
     """Weight-only group-wise quantization of every decoder Linear, then recovery distillation."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: the parent's tokenizer files are copied verbatim (were re-saved)
     SECTION: ClassVar[str] = "quantize"
 
     bits: int = help_field(4, "bits per decoder weight: 8, 4, 3 or 2 (3-bit codes export in 4-bit containers)")

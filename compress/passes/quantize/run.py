@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from ...artifact import Artifact
 from ...context import PassContext
 from ...errors import UserError
-from ...models import load_model, load_tokenizer
+from ...models import load_model
+from ...tokenizer import copy_tokenizer_files
 from ...ops import losses
 from ...ops import quant as Q
 from ...quantized import (
@@ -367,7 +368,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> dict[st
     info = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym, "init": cfg.init,
             "embeddings": cfg.embeddings, "recovery": cfg.recovery}
     save_quantized(student, ctx.out_dir, info)
-    load_tokenizer(parent.path).save_pretrained(ctx.out_dir)
+    copy_tokenizer_files(parent.path, ctx.out_dir)  # verbatim: never re-serialized
     stats = bits_per_weight(student)
     return {"quantize": {**summary, "recovery": recovery, "kl_heldout_fp": kl_fp, **stats,
                          "seconds": time.perf_counter() - t_start}}
