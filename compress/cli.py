@@ -37,7 +37,7 @@ def _emit_json(obj: Any) -> None:
 @app.command("model")
 def model_cmd(
     model: Optional[str] = typer.Argument(None, help="HF folder, .gguf file, artifact or run folder; default: embedded SmolLM2-135M-Instruct"),
-    profile: str = typer.Option("baseline", "--profile", "-p", help="profile name (see `compress profiles list`) or a .yaml path"),
+    profile: str = typer.Option("quick-4bit", "--profile", "-p", help="profile name (see `compress profiles list`) or a .yaml path; default quick-4bit"),
     out: str = typer.Option("compress-out", "--out", "-o", help="output folder (reruns reuse finished stages)"),
     set_: List[str] = typer.Option([], "--set", help="override SECTION.KEY=VALUE (repeatable)"),
     data: Optional[str] = typer.Option(None, "--data", help="training/calibration text: .txt, .jsonl or folder"),

@@ -27,7 +27,7 @@ from .errors import UserError, one_line
 from .registry import PassSpec, get_pass
 
 TOP_LEVEL_KEYS = ("description", "target", "data", "evaluation", "passes")
-DEFAULT_PROFILE = "baseline"
+DEFAULT_PROFILE = "quick-4bit"  # compresses: a newcomer sees the product; `baseline` only evaluates
 
 
 def profiles_dir() -> Path:

@@ -64,7 +64,68 @@ def render_markdown(report: dict[str, Any]) -> str:
     notes = [n for s in report["stages"] for n in s.get("notes", [])]
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
+    lines += summary_table(report)
     return "\n".join(lines) + "\n"
+
+
+def summary_rows(report: dict[str, Any]) -> dict[str, Any] | None:
+    """Teacher vs the compressed model, side by side: the first stage against the last evaluated one
+    (the deployed ONNX model when the pipeline exports), with the latency rows measured in the run."""
+    stages = report.get("stages") or []
+    evaluated = [s for s in stages[1:] if s.get("perplexity") is not None]
+    if not stages or not evaluated:
+        return None
+    teacher = stages[0]
+    # the deployed model: the last evaluated export (a profiling stage passes the same model on)
+    made = [s for s in evaluated if s.get("pass") != "profile_latency"] or evaluated
+    onnx = [s for s in made if s.get("format") == "onnx"]
+    final = (onnx or made)[-1]
+    rows = [s for st in stages for s in (st.get("latency") or [])]
+    fast = next((r for r in rows if r.get("kind") == "onnx"), None)
+    slow = next((r for r in rows if r.get("kind") == "pytorch"), None)
+    return {"teacher": teacher, "compressed": final, "teacher_latency": slow, "compressed_latency": fast}
+
+
+def summary_table(report: dict[str, Any]) -> list[str]:
+    rows = summary_rows(report)
+    if rows is None:
+        return []
+    t, c = rows["teacher"], rows["compressed"]
+    tl, cl = rows["teacher_latency"], rows["compressed_latency"]
+
+    def ratio(a: float | None, b: float | None, spec: str = ".3f") -> str:
+        return "—" if not a or b is None else f"×{b / a:{spec}}"
+
+    def tps(r: dict | None, key: str) -> float | None:
+        return None if r is None else r[key]["median"]
+
+    def runtime(r: dict | None) -> str:
+        return "—" if r is None else f"{r['runtime']}, {r['device']}:{r['threads']}"
+
+    lines = ["", "## Teacher vs compressed", "",
+             f"| | teacher (`{t['name']}`) | compressed (`{c['name']}`) | compressed / teacher |", "|---|---|---|---|",
+             f"| perplexity | {_fmt(t.get('perplexity'), '.3f')} | {_fmt(c.get('perplexity'), '.3f')} | "
+             f"{ratio(t.get('perplexity'), c.get('perplexity'))} |",
+             f"| KL to the teacher (nats/token) | 0 | {_fmt(_kl(c.get('kl')), '.4f')} | |",
+             f"| top-1 agreement | 1.000 | {_fmt(c.get('top1_agreement'), '.3f')} | |",
+             f"| weights on disk, MB | {_mb(t.get('weight_bytes'))} | {_mb(c.get('weight_bytes'))} | "
+             f"{ratio(t.get('weight_bytes'), c.get('weight_bytes'))} |"]
+    if tl or cl:
+        lines += [
+            f"| decode tok/s | {_fmt(tps(tl, 'decode_tokens_per_second'), '.1f')} | "
+            f"{_fmt(tps(cl, 'decode_tokens_per_second'), '.1f')} | "
+            f"{ratio(tps(tl, 'decode_tokens_per_second'), tps(cl, 'decode_tokens_per_second'), '.2f')} |",
+            f"| prefill tok/s | {_fmt(tps(tl, 'prefill_tokens_per_second'), '.1f')} | "
+            f"{_fmt(tps(cl, 'prefill_tokens_per_second'), '.1f')} | "
+            f"{ratio(tps(tl, 'prefill_tokens_per_second'), tps(cl, 'prefill_tokens_per_second'), '.2f')} |",
+            f"| runtime | {runtime(tl)} | {runtime(cl)} | |",
+        ]
+    ev = report["evaluation"]
+    tokens = c.get("eval_tokens") or ev["max_tokens"]
+    lines += ["", f"Perplexity and KL: {tokens} tokens of the evaluation data ({ev['data']}), never trained on. "
+              "Latency: median of the timed runs of this run, one process per system; the teacher runs as it was "
+              "given (PyTorch eager), the compressed model as deployed."]
+    return lines
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
@@ -76,4 +137,4 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-__all__ = ["now", "render_markdown", "write_report"]
+__all__ = ["now", "render_markdown", "summary_rows", "summary_table", "write_report"]

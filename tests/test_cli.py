@@ -56,6 +56,17 @@ def test_dry_run_prints_resolved_pipeline_and_writes_nothing(tiny_dir, tmp_path)
     assert not out.exists()
 
 
+def test_default_profile_compresses_and_baseline_only_evaluates(tiny_dir, tmp_path):
+    """A newcomer's first command quantizes, exports and profiles; `--profile baseline` is today's evaluation."""
+    default = json.loads(run_cli("model", str(tiny_dir), "--dry-run", "--json", "--out", str(tmp_path / "o")).stdout)
+    assert default["profile"] == "quick-4bit"
+    assert [p["name"] for p in default["passes"]] == ["quantize", "export_onnx", "profile_latency"]
+    assert default["passes"][0]["config"]["bits"] == 4 and default["passes"][2]["config"]["eager_baseline"] is True
+    base = json.loads(run_cli("model", str(tiny_dir), "--profile", "baseline", "--dry-run", "--json",
+                              "--out", str(tmp_path / "o")).stdout)
+    assert base["passes"] == []
+
+
 @pytest.fixture
 def bad_inputs(tmp_path, tiny_dir):
     corrupt_st = tmp_path / "corrupt_st"

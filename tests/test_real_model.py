@@ -73,7 +73,8 @@ def test_wikitext_perplexity_band(real):
 @needs_wikitext
 def test_cli_model_and_eval_on_embedded_default(tmp_path):
     out = tmp_path / "run"
-    args = ["model", "--out", str(out), "--eval-data", str(WIKITEXT_TEST), "--set", "evaluation.max_tokens=1024",
+    args = ["model", "--profile", "baseline", "--out", str(out), "--eval-data", str(WIKITEXT_TEST),
+            "--set", "evaluation.max_tokens=1024",
             "--json", "--quiet"]
     t0 = time.perf_counter()
     first = run_cli(*args)
