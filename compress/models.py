@@ -81,7 +81,7 @@ def convert_gguf(gguf_path: Path, dest: Path, artifact_id: str, *, quiet: bool =
     if files is None:
         fixes = _fix_special_tokens(tok, config)
     with staging_dir(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_model(model, tmp)
         if files is None:  # SentencePiece: transformers' converter reads it as it is
             tok.save_pretrained(tmp, legacy_format=False)  # tokenizer.json only (no 98 MB slow vocab)
         else:  # byte-level BPE: written from the GGUF's metadata (compress.tokenizer says why)
@@ -93,6 +93,46 @@ def convert_gguf(gguf_path: Path, dest: Path, artifact_id: str, *, quiet: bool =
             path=tmp, teacher=None, extra={"notes": fixes},
         )
         atomic_write_json(tmp / MANIFEST, manifest)
+
+
+def portable_config_(folder: Path) -> None:
+    """Make a saved ``config.json`` read the same under transformers 4.x and 5.x.
+
+    transformers 5 writes RoPE as ``rope_parameters`` only; transformers 4 does not know that key and
+    silently falls back to ``rope_theta = 10000`` (SmolLM2's is 100000: a wrong model with no error).
+    The legacy ``rope_theta`` / ``rope_scaling`` keys are added beside it; transformers 5 reads either.
+    """
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in cfg or "rope_theta" not in rope:
+        return
+    cfg["rope_theta"] = rope["rope_theta"]
+    rest = {k: v for k, v in rope.items() if k != "rope_theta"}
+    cfg["rope_scaling"] = None if rest.get("rope_type", "default") == "default" else rest
+    atomic_write_json(path, cfg)
+
+
+def load_config(path: Path):
+    """The model's ``AutoConfig``, with RoPE read alike under both transformers majors: a config
+    written by transformers 5 (``rope_parameters`` only) gets its ``rope_theta`` under 4.x too."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    rope = getattr(config, "rope_parameters", None)
+    if int(transformers.__version__.split(".")[0]) < 5 and isinstance(rope, dict) and "rope_theta" in rope:
+        # transformers 4.x keeps rope_parameters as an unknown key and would use rope_theta's default
+        config.rope_theta = rope["rope_theta"]
+        rest = {k: v for k, v in rope.items() if k != "rope_theta"}
+        config.rope_scaling = None if rest.get("rope_type", "default") == "default" else rest
+    return config
+
+
+def save_model(model, folder: Path) -> None:
+    """``save_pretrained`` (safetensors) with a ``config.json`` both transformers majors read alike."""
+    model.save_pretrained(folder, safe_serialization=True)
+    portable_config_(folder)
 
 
 def _gguf_tokenizer_files(gguf_path: Path, eos_id: int | None) -> tuple[dict[str, str] | None, list[str]]:
@@ -167,7 +207,8 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = 
             raise UserError(f"cannot load quantized weights from {path}: {one_line(exc)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True
+            path, config=load_config(path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
+            local_files_only=True,
         )
     except Exception as exc:
         raise UserError(f"cannot load weights from {path}: {one_line(exc)}") from None
@@ -218,5 +259,6 @@ def chat(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "chat", "convert_gguf", "forward_with_cache", "load_model", "load_source",
+    "load_config", "portable_config_", "save_model",
     "load_tokenizer", "model_folder", "teacher_folder",
 ]

@@ -259,6 +259,9 @@ def save_quantized(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in tensors:
         tensors.pop("lm_head.weight")
     model.config.save_pretrained(path)
+    from .models import portable_config_
+
+    portable_config_(path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -270,13 +273,15 @@ def save_quantized(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
 def load_quantized(path: Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The fake-quant PyTorch model of a quantized artifact, in eval mode."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     qc = json.loads((path / QUANT_CONFIG).read_text())
     if qc.get("format") != FORMAT or int(qc.get("version", 0)) > FORMAT_VERSION:
         raise ValueError(f"unsupported quantization format {qc.get('format')} v{qc.get('version')}")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    from .models import load_config
+
+    config = load_config(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_file(str(path / "model.safetensors"))

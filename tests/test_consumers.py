@@ -309,3 +309,34 @@ def test_real_export_generates_from_text_like_pytorch_in_genai_and_optimum(real_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
     assert "legacy" not in proc.stderr.lower() and "position_ids" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_configs_read_alike_under_both_transformers_majors(tiny_dir, tmp_path):
+    """transformers 5 writes RoPE as ``rope_parameters`` only, which transformers 4 ignores (falling back
+    to rope_theta 10000: a silently different model). Folders we write carry both forms, and we read
+    either form with the right rope_theta."""
+    import shutil
+
+    from compress.models import load_model, portable_config_
+
+    ids = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 8]])
+    with torch.no_grad():
+        ref = load_model(tiny_dir)(ids).logits
+    v5 = tmp_path / "v5"
+    shutil.copytree(tiny_dir, v5)
+    cfg = json.loads((v5 / "config.json").read_text())
+    theta = 12345.0  # not any default: a fallback would show
+    for key in ("rope_theta", "rope_scaling"):
+        cfg.pop(key, None)
+    cfg["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
+    (v5 / "config.json").write_text(json.dumps(cfg))
+    m = load_model(v5)
+    assert getattr(m.config, "rope_theta", None) == theta or m.config.rope_parameters["rope_theta"] == theta
+    with torch.no_grad():
+        assert not torch.allclose(m(ids).logits, ref)  # another theta, another model: the key was read
+    portable_config_(v5)
+    written = json.loads((v5 / "config.json").read_text())
+    assert written["rope_theta"] == theta and written["rope_scaling"] is None
+    assert written["rope_parameters"]["rope_theta"] == theta
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(v5)(ids).logits, m(ids).logits, rtol=0, atol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...artifact import Artifact
 from ...context import PassContext
 from ...hardware import resolve_bf16
-from ...models import load_model
+from ...models import load_model, save_model
 from ...tokenizer import copy_tokenizer_files
 from ...training.loop import LossWeights, TrainSettings, train
 from .config import DistillConfig
@@ -33,7 +33,7 @@ def distill(parent: Artifact, cfg: DistillConfig, ctx: PassContext) -> dict:
         student, teacher, blocks, settings, work_dir=ctx.work_dir, fingerprint=ctx.artifact_id,
         progress=ctx.progress, log=ctx.log,
     )
-    student.save_pretrained(ctx.out_dir, safe_serialization=True)
+    save_model(student, ctx.out_dir)
     copy_tokenizer_files(parent.path, ctx.out_dir)  # verbatim: never re-serialized
     summary["bf16_reason"] = why
     summary["training_blocks"] = int(blocks.shape[0])
