@@ -46,12 +46,19 @@ class GenaiRunner:
     def __init__(self, path: Path, threads: int):
         import onnxruntime_genai as og
 
-        cfg_path = Path(path) / "genai_config.json"
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads((Path(path) / "genai_config.json").read_text())
         opts = cfg["model"]["decoder"].setdefault("session_options", {})
         if opts.get("intra_op_num_threads") != threads:  # same thread count as every other system
+            # a view of the folder (symlinks) with its own genai_config.json: the export itself is not touched
+            import tempfile
+
             opts["intra_op_num_threads"] = threads
-            cfg_path.write_text(json.dumps(cfg, indent=4))
+            view = Path(tempfile.mkdtemp(prefix="anchors-genai-"))
+            for f in Path(path).iterdir():
+                if f.name != "genai_config.json":
+                    (view / f.name).symlink_to(f.resolve())
+            (view / "genai_config.json").write_text(json.dumps(cfg, indent=4))
+            path = view
         self.og = og
         self.model = og.Model(str(path))
         self.runtime = f"onnxruntime-genai {og.__version__}"
@@ -102,6 +109,64 @@ class LlamaCppRunner:
         return {"prefill": prefill, "decode": decode, "tokens": tokens}
 
 
+#: the text every system tokenizes with its own tokenizer (spaces, newlines, digits, non-ASCII)
+TOKENIZER_TEXT = ("The history of the city began in 1843.\n\nCafé déjà vu — 3.14159, naïve 北京 🙂!  Two  spaces\t"
+                  "and a tab.\n  indented line\n\n\nx = a+b  # it's 10% off, isn't it?")
+QUESTION = "The capital of France is"
+
+
+def own_tokenizer_check(system: dict[str, Any], reference: dict[str, list[int]], new_tokens: int,
+                        threads: int) -> dict[str, Any]:
+    """Each system from *text*, with its own tokenizer and loop: ids of TOKENIZER_TEXT and of the prompt
+    against the reference ids (the ones every system is timed on), and a greedy continuation of QUESTION."""
+    kind, path = system["runner"], Path(system["path"])
+    if kind == "genai":
+        runner = GenaiRunner(path, threads)
+        tok = runner.og.Tokenizer(runner.model)
+        encode, decode = (lambda t: [int(i) for i in tok.encode(t)]), tok.decode
+        generate = lambda ids, n: runner.run(ids, n)["tokens"]  # noqa: E731
+    elif kind == "llama.cpp":
+        runner = LlamaCppRunner(path, threads)
+        encode = lambda t: runner.llm.tokenize(t.encode(), add_bos=False, special=True)  # noqa: E731
+        decode = lambda ids: runner.llm.detokenize(ids).decode("utf-8", errors="replace")  # noqa: E731
+        generate = lambda ids, n: runner.run(ids, n)["tokens"]  # noqa: E731
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        encode = lambda t: tok(t, add_special_tokens=True)["input_ids"]  # noqa: E731 (what a user's call gives)
+        decode = tok.decode
+        if kind == "ort":
+            from exporters.onnx.runtime import Decoder, RuntimeOptions
+
+            dec = Decoder(path, RuntimeOptions(threads=threads))
+            generate = lambda ids, n: dec.generate(ids, n)  # noqa: E731
+        else:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+            def generate(ids, n):
+                x = torch.tensor([ids])
+                with torch.no_grad():
+                    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                         do_sample=False, pad_token_id=tok.pad_token_id)
+                return out[0, x.shape[1]:].tolist()
+    out: dict[str, Any] = {}
+    for name, text in (("mixed_text", TOKENIZER_TEXT), ("prompt", reference["prompt_text"])):
+        ids = encode(text)
+        ref = reference[name]
+        diff = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), None if len(ids) == len(ref) else
+                    min(len(ids), len(ref)))
+        out[name] = {"tokens": len(ids), "reference_tokens": len(ref), "equal": ids == ref, "first_difference": diff,
+                     "round_trip": decode(ids) == text}
+    ids = encode(QUESTION)
+    cont = generate(ids, new_tokens)
+    out["question"] = {"text": QUESTION, "ids": ids, "continuation": decode(cont), "tokens": cont}
+    return out
+
+
 def make_runner(system: dict[str, Any], threads: int):
     from compress.profiling.worker import OnnxRunner, TorchRunner
 
@@ -118,7 +183,8 @@ def make_runner(system: dict[str, Any], threads: int):
 # ------------------------------------------------------------------------------ building
 
 
-def build_systems(work: Path, log) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
+def build_systems(work: Path, log, builder_python: str = sys.executable,
+                  extra: list[tuple[str, Path]] = ()) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
     from compress import api
     from compress.models import model_folder
     from compress.sources import embedded_gguf_path, resolve_source_ref
@@ -133,6 +199,8 @@ def build_systems(work: Path, log) -> tuple[list[dict[str, Any]], list[str], dic
     meta["ours_export"] = {"seconds": time.perf_counter() - t, "cached": res["cached"],
                            "validation": res["validation"]}
     systems = [{"name": "ours fp32", "runner": "ort", "path": str(ours), "size_of": str(ours)}]
+    for name, path in extra:  # other exports of ours (e.g. a quick-4bit run's export stage)
+        systems.append({"name": name, "runner": "ort", "path": str(path), "size_of": str(path)})
     builder_ok = importlib.util.find_spec("onnxruntime_genai") is not None
     if builder_ok:
         for prec in ("fp32", "int4"):
@@ -141,13 +209,19 @@ def build_systems(work: Path, log) -> tuple[list[dict[str, Any]], list[str], dic
                 log(f"running the ONNX Runtime GenAI builder ({prec})")
                 t = time.perf_counter()
                 proc = subprocess.run(
-                    [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                    [builder_python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
                      "-p", prec, "-e", "cpu", "-c", str(work / "builder-cache")],
                     capture_output=True, text=True)
                 if proc.returncode != 0:
                     notes.append(f"builder {prec} failed: {proc.stderr.strip().splitlines()[-1:]}")
                     continue
                 meta[f"builder_{prec}_seconds"] = time.perf_counter() - t
+                meta[f"builder_{prec}_by"] = subprocess.run(
+                    [builder_python, "-c", "import onnxruntime_genai as og, transformers as t; "
+                     "print(f'onnxruntime-genai {og.__version__} builder, transformers {t.__version__}')"],
+                    capture_output=True, text=True).stdout.strip()
+            else:
+                meta[f"builder_{prec}_by"] = f"reused from {out} (built by an earlier run)"
             systems.append({"name": f"builder {prec}", "runner": "ort", "path": str(out), "size_of": str(out)})
     else:
         notes.append("onnxruntime-genai not installed (pip install -e '.[bench]'): builder rows and the genai "
@@ -189,6 +263,15 @@ def rss_and_load(system: dict[str, Any], prompt: list[int], new_tokens: int, thr
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
 
 
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -200,6 +283,11 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "anchors")
+    ap.add_argument("--builder-python", default=sys.executable,
+                    help="python that runs the GenAI model builder (its transformers must suit the builder's "
+                         "release: 0.16+ builders need transformers 5)")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=EXPORT_DIR",
+                    help="another export of ours to run in both harnesses (e.g. a quick-4bit export stage)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "anchors.json")
     args = ap.parse_args()
 
@@ -209,7 +297,8 @@ def main() -> int:
         print(m, file=sys.stderr, flush=True)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    systems, notes, meta = build_systems(args.work, log)
+    extra = [(e.split("=", 1)[0], Path(e.split("=", 1)[1])) for e in args.extra]
+    systems, notes, meta = build_systems(args.work, log, args.builder_python, extra)
     prompt = prompt_ids(Path(systems[0]["path"]), args.prompt_tokens)
     runners = {}
     for s in systems:
@@ -224,6 +313,24 @@ def main() -> int:
                 raw[s["name"]].append(res)
         log(f"round {r}/{args.runs} done" + (" (warm-up)" if r == 0 else ""))
     del runners
+    # each system from text, through its own tokenizer (the timing above fed every system the same ids)
+    from transformers import AutoTokenizer
+
+    from compress.profiling.harness import PROMPT_TEXT
+
+    # the timed prompt is made of PROMPT_TEXT's ids: each system's own tokenizer is checked on that text
+    ref_tok = AutoTokenizer.from_pretrained(systems[0]["path"])
+    reference = {"mixed_text": ref_tok(TOKENIZER_TEXT, add_special_tokens=False)["input_ids"],
+                 "prompt": ref_tok(PROMPT_TEXT, add_special_tokens=False)["input_ids"], "prompt_text": PROMPT_TEXT}
+    n = min(len(prompt), len(reference["prompt"]))  # the timed prompt repeats the text up to 128 tokens
+    assert reference["prompt"][:n] == list(prompt)[:n]
+    own: dict[str, Any] = {}
+    for s in systems:
+        log(f"own tokenizer: {s['name']}")
+        try:
+            own[s["name"]] = own_tokenizer_check(s, reference, 16, args.threads)
+        except Exception as exc:  # a system that cannot run from text is a finding, not a crash
+            own[s["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
     rows = []
     for s in systems:
         runs = raw[s["name"]]
@@ -253,10 +360,13 @@ def main() -> int:
         "benchmark": "anchors",
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__},
+                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+                    **{name: _version(name) for name in ("onnxruntime-genai", "transformers", "llama-cpp-python")}},
         "command": "python benchmarks/anchors.py " + " ".join(sys.argv[1:]),
         "threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "runs": args.runs, "warmup_rounds": 1, "notes": notes, "build": meta, "rows": rows,
+        "same_ids_for_timing": {"prompt_tokens": len(prompt), "tokenizer": f"{systems[0]['name']} (transformers)"},
+        "own_tokenizer": own,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -267,6 +377,14 @@ def main() -> int:
         print(f"{r['system']:<34} {d['median']:>8.2f} ({d['min']:.1f}–{d['max']:.1f}) {r['decode_ratio_to_ours']:>6.2f} "
               f"{p['median']:>8.1f} ({p['min']:.0f}–{p['max']:.0f}) {r['prefill_ratio_to_ours']:>6.2f} "
               f"{r['ttft_ms']['median']:>8.1f} {r.get('peak_rss_bytes', 0) / 1e6:>7.0f} {r['size_bytes'] / 1e6:>8.1f}")
+    print("\nfrom text, each system's own tokenizer (ids vs the timed ids; greedy continuation of "
+          f"{QUESTION!r}):")
+    for name, o in own.items():
+        if "error" in o:
+            print(f"{name:<34} ERROR {o['error']}")
+            continue
+        print(f"{name:<34} mixed text ids equal: {o['mixed_text']['equal']!s:<5} prompt ids equal: "
+              f"{o['prompt']['equal']!s:<5} ({o['prompt']['tokens']} tokens) -> {o['question']['continuation']!r}")
     for n in notes:
         print(f"note: {n}")
     return 0

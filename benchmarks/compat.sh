@@ -34,7 +34,9 @@ def v(name):
     except PackageNotFoundError:
         return None
 summary = [l for l in log.splitlines() if re.search(r"\d+ (passed|failed)", l)]
-out = {"benchmark": "compat", "date": time.strftime("%Y-%m-%d"), "command": "bash benchmarks/compat.sh",
+import subprocess
+commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+out = {"benchmark": "compat", "date": time.strftime("%Y-%m-%d"), "command": "bash benchmarks/compat.sh", "commit": commit,
        "python": platform.python_version(),
        "versions": {n: v(n) for n in ("torch", "transformers", "tokenizers", "onnxruntime", "onnxruntime-genai",
                                       "optimum-onnx", "onnx", "accelerate", "gguf")},

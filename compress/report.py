@@ -122,7 +122,7 @@ def summary_table(report: dict[str, Any]) -> list[str]:
         ]
     ev = report["evaluation"]
     tokens = c.get("eval_tokens") or ev["max_tokens"]
-    lines += ["", f"Perplexity and KL: {tokens} tokens of the evaluation data ({ev['data']}), never trained on. "
+    lines += ["", f"Perplexity and KL: {tokens} tokens of the evaluation data, never trained on: {ev['data']}. "
               "Latency: median of the timed runs of this run, one process per system; the teacher runs as it was "
               "given (PyTorch eager), the compressed model as deployed."]
     return lines
