@@ -103,6 +103,8 @@ def portable_config_(folder: Path) -> None:
     The legacy ``rope_theta`` / ``rope_scaling`` keys are added beside it; transformers 5 reads either.
     """
     path = Path(folder) / "config.json"
+    if not path.is_file():  # transformers 5 saves on the main process only (a non-zero rank's throwaway folder)
+        return
     cfg = json.loads(path.read_text())
     rope = cfg.get("rope_parameters")
     if not isinstance(rope, dict) or "rope_theta" in cfg or "rope_theta" not in rope:
