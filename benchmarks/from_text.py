@@ -40,20 +40,9 @@ print(json.dumps({"runtime": f"PyTorch {torch.__version__}, transformers {transf
 GENAI = """
 import json, sys
 import onnxruntime_genai as og
-folder, text, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = og.Model(folder)
-tok = og.Tokenizer(model)
-ids = [int(i) for i in tok.encode(text)]
-params = og.GeneratorParams(model)
-params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
-gen = og.Generator(model, params)
-gen.append_tokens(ids)
-new = []
-while not gen.is_done():
-    gen.generate_next_token()
-    new.append(int(gen.get_next_tokens()[0]))
-print(json.dumps({"runtime": f"onnxruntime-genai {og.__version__}", "prompt_ids": ids, "tokens": new,
-                  "text": tok.decode(new)}))
+from exporters.onnx.genai import genai_greedy
+ids, new, text = genai_greedy(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+print(json.dumps({"runtime": f"onnxruntime-genai {og.__version__}", "prompt_ids": ids, "tokens": new, "text": text}))
 """
 
 OPTIMUM = """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import warnings
@@ -109,10 +110,14 @@ def portable_config_(folder: Path) -> None:
     rope = cfg.get("rope_parameters")
     if not isinstance(rope, dict) or "rope_theta" in cfg or "rope_theta" not in rope:
         return
-    cfg["rope_theta"] = rope["rope_theta"]
-    rest = {k: v for k, v in rope.items() if k != "rope_theta"}
-    cfg["rope_scaling"] = None if rest.get("rope_type", "default") == "default" else rest
+    cfg["rope_theta"], cfg["rope_scaling"] = _legacy_rope(rope)
     atomic_write_json(path, cfg)
+
+
+def _legacy_rope(rope: dict) -> tuple[float, dict | None]:
+    """transformers 5's ``rope_parameters`` as transformers 4's ``(rope_theta, rope_scaling)``."""
+    rest = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return rope["rope_theta"], None if rest.get("rope_type", "default") == "default" else rest
 
 
 def load_config(path: Path):
@@ -125,9 +130,7 @@ def load_config(path: Path):
     rope = getattr(config, "rope_parameters", None)
     if int(transformers.__version__.split(".")[0]) < 5 and isinstance(rope, dict) and "rope_theta" in rope:
         # transformers 4.x keeps rope_parameters as an unknown key and would use rope_theta's default
-        config.rope_theta = rope["rope_theta"]
-        rest = {k: v for k, v in rope.items() if k != "rope_theta"}
-        config.rope_scaling = None if rest.get("rope_type", "default") == "default" else rest
+        config.rope_theta, config.rope_scaling = _legacy_rope(rope)
     return config
 
 
@@ -236,12 +239,18 @@ def teacher_folder(artifact_path: Path) -> Path | None:
     return path
 
 
-def forward_with_cache(model, input_ids, cache=None):
-    """``(logits, cache)`` of one forward with the model's own KV cache, under transformers 4.x
-    (``past_key_values``) and 5.x (``cache``; ``past_key_values`` is deprecated there)."""
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
     import inspect
 
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def forward_with_cache(model, input_ids, cache=None):
+    """``(logits, cache)`` of one forward with the model's own KV cache, under transformers 4.x
+    (``past_key_values``) and 5.x (``cache``; ``past_key_values`` is deprecated there). The argument's
+    name is looked up once per model class: this runs in timed decode loops."""
+    key = _cache_argument(type(model))
     out = model(input_ids=input_ids, use_cache=True, **({key: cache} if cache is not None else {}))
     return out.logits, (out["cache"] if "cache" in out.keys() else out.past_key_values)
 

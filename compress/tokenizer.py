@@ -108,8 +108,8 @@ def gguf_bpe_tokenizer_files(reader, *, eos_token_id: int | None = None) -> dict
 
     Args:
         reader: an open ``gguf.GGUFReader``.
-        eos_token_id: the model's end-of-turn id when it disagrees with the GGUF's
-            ``tokenizer.ggml.eos_token_id`` (SmolLM2's GGUF names ``<|im_start|>``).
+        eos_token_id: the model's end-of-turn id; it wins where it disagrees with the GGUF's
+            ``tokenizer.ggml.eos_token_id`` (the caller notes the change).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
@@ -141,15 +141,15 @@ def gguf_bpe_tokenizer_files(reader, *, eos_token_id: int | None = None) -> dict
     eos = tokens[eos_token_id] if eos_token_id is not None else name("tokenizer.ggml.eos_token_id")
     pad = name("tokenizer.ggml.padding_token_id") or eos
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
     specials = [AddedToken(t, special=types[i] != _USER_DEFINED, normalized=False)
                 for i, t in enumerate(tokens) if types[i] in (_CONTROL, _USER_DEFINED)]
     tok.add_tokens(specials)
-    template = [bos] if add_bos else []
-    if add_bos or add_eos:
-        single = " ".join(template + ["$A"] + ([eos] if add_eos else []))
-        ids = {t: vocab[t] for t in (bos if add_bos else None, eos if add_eos else None) if t}
-        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(ids.items()))
+    prefix, suffix = [bos] if add_bos else [], [eos] if add_eos else []
+    if prefix or suffix:
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join(prefix + ["$A"] + suffix),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(prefix + suffix)])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 

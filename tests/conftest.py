@@ -61,16 +61,8 @@ def cli():
 def genai_generate(folder: Path, prompt: "str | list[int]", n: int) -> tuple[list[int], str]:
     """onnxruntime-genai's own loop: ``n`` greedy tokens after ``prompt`` (text goes through its own
     tokenizer), EOS ignored; returns the tokens and their text. Skips when genai is absent."""
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(folder))
-    tok = og.Tokenizer(model)
-    ids = list(tok.encode(prompt)) if isinstance(prompt, str) else list(prompt)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
-    return got, tok.decode(got)
+    pytest.importorskip("onnxruntime_genai")
+    from exporters.onnx.genai import genai_greedy
+
+    _, new, text = genai_greedy(folder, prompt, n)
+    return new, text

@@ -1,4 +1,5 @@
-"""The ``genai_config.json`` that lets ``onnxruntime-genai`` run an export as is."""
+"""The ``genai_config.json`` that lets ``onnxruntime-genai`` run an export as is, and a greedy run
+through onnxruntime-genai's own tokenizer and loop (what its users do; tests and benchmarks use it)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,22 @@ def genai_config(dw: DecoderWeights, *, provider: str = "cpu", filename: str = "
             "top_p": 1.0,
         },
     }
+
+
+def genai_greedy(folder, prompt: "str | list[int]", new_tokens: int) -> "tuple[list[int], list[int], str]":
+    """``new_tokens`` greedy tokens after ``prompt`` in onnxruntime-genai, EOS ignored: text goes through
+    its own tokenizer. Returns the prompt ids, the new tokens and their text (its own decoder)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    tok = og.Tokenizer(model)
+    ids = [int(i) for i in tok.encode(prompt)] if isinstance(prompt, str) else [int(i) for i in prompt]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    new: list[int] = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        new.append(int(gen.get_next_tokens()[0]))
+    return ids, new, tok.decode(new)
