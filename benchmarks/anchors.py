@@ -239,7 +239,7 @@ def build_systems(work: Path, log, builder_python: str = sys.executable,
 
 
 def size_bytes(path: Path) -> int:
-    from compress.artifact import weight_bytes
+    from compress.formats import weight_bytes
 
     path = Path(path)
     return path.stat().st_size if path.is_file() else weight_bytes(path)

@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export_layouts.json")
     args = ap.parse_args()
 
-    from compress.artifact import weight_bytes
+    from compress.formats import weight_bytes
     from compress.models import model_folder
     from compress.profiling.harness import prompt_ids
     from compress.profiling.worker import OnnxRunner

@@ -418,7 +418,7 @@ def key_figures(report: dict) -> dict[str, Any]:
             "top1_agreement": s.get("top1_agreement"), "eval_tokens": s.get("eval_tokens"),
             "pass_seconds": s.get("pass_seconds"), "eval_seconds": s.get("eval_seconds"),
             "weight_bytes": s.get("weight_bytes"), "notes": s.get("notes") or []})
-        v = s.get("validation")
+        v = ((s.get("pass_metrics") or {}).get("export") or {}).get("validation")
         if v:
             try:
                 from compress.artifact import validation_line

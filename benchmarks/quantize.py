@@ -117,7 +117,7 @@ def ours_row(name: str, rep: dict) -> dict[str, Any]:
         "evaluated_as": "ONNX Runtime (MatMulNBits, accuracy_level 4)",
         "fake_quant_perplexity": q["perplexity"], "fake_quant_kl": q["kl"],
         "size_bytes": e["weight_bytes"], "compress_seconds": (q.get("pass_seconds") or 0) + (e.get("pass_seconds") or 0),
-        "onnx": str(out / e["path"]), "validation": e.get("validation"), "wall_seconds": rep["_wall_seconds"],
+        "onnx": str(out / e["path"]), "validation": (e.get("pass_metrics") or {}).get("export", {}).get("validation"), "wall_seconds": rep["_wall_seconds"],
         "recovery": {k: qm.get("recovery", {}).get(k) for k in ("kept", "kl_heldout_init", "kl_heldout_recovered")},
         "pipeline_latency": (stage(rep, "profile_latency").get("latency") or [None])[0],
     }
@@ -128,7 +128,7 @@ def save_rows(rows: dict) -> None:  # replaced in main(): write the JSON after e
 
 
 def build_base(work: Path, teacher: Path, rows: dict) -> None:
-    from compress.artifact import weight_bytes
+    from compress.formats import weight_bytes
 
     if "teacher fp32" not in rows:
         log("teacher fp32")

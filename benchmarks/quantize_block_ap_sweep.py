@@ -31,6 +31,8 @@ def main() -> int:
 
     from quantize_recovery_sweep import teacher_and_valid_ids
 
+    from compress.arch import LLAMA
+    from compress.calibration import capture_layer_inputs, run_layer
     from compress.passes.quantize import run as R
     from compress.passes.quantize.config import QuantizeConfig
     from compress.quantized import LinearQuant, replace_module
@@ -46,20 +48,20 @@ def main() -> int:
     torch.manual_seed(0)
     _, model, ids = teacher_and_valid_ids(400_000)
     blocks = torch.tensor(ids[:40 * 512]).view(40, 512)
-    kwargs = R._layer_inputs(model, blocks, 4)
+    kwargs = capture_layer_inputs(model, blocks, 4)
     with torch.no_grad():
         hidden = [model(input_ids=blocks[i:i + 4], output_hidden_states=True, use_cache=False).hidden_states
                   for i in range(0, 40, 4)]
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"runs": []}
     for li in (int(x) for x in args.layers.split(",")):
         x = [(h[li], kw) for h, (_, kw) in zip(hidden, kwargs)]
-        y = R._run_layer(model.model.layers[li], x)
+        y = run_layer(model.model.layers[li], x)
         x_train, y_train, x_held, y_held = x[:8], y[:8], x[8:], y[8:]  # 8 batches of 4 = 32 sequences
         for name, over in settings.items():
             cfg = QuantizeConfig.from_dict({"bits": args.bits, "group_size": args.group, "init": "rtn",
                                             "block_ap": "on", **over})
             layer = copy.deepcopy(model.model.layers[li])
-            for rel in R.LINEARS:
+            for rel in LLAMA.linears:
                 q = LinearQuant(args.bits, args.group, False)
                 replace_module(layer, rel, R.init_linear(layer.get_submodule(rel), q, cfg, None, None))
             held_before = R._layer_mse(layer, x_held, y_held)

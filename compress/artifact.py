@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,8 @@ from typing import Any, Iterator
 from . import __version__
 from .errors import UserError, one_line
 
-MANIFEST = "manifest.json"
+from .formats import MANIFEST
 METRICS = "metrics.json"  # a stage's evaluation results, beside its manifest
-ONNX_CONFIG = "genai_config.json"  # marks an ONNX export folder (its onnxruntime-genai config)
 SCHEMA = 1
 WEIGHT_SUFFIXES = (".safetensors",)
 
@@ -98,39 +96,6 @@ def list_files(path: Path) -> list[dict[str, Any]]:
         if p.is_file() and p.name != MANIFEST:
             out.append({"name": str(p.relative_to(path)), "bytes": p.stat().st_size})
     return out
-
-
-def is_onnx_folder(path: Path) -> bool:
-    return (Path(path) / ONNX_CONFIG).is_file()
-
-
-def weight_bytes(path: Path) -> int:
-    """Bytes of the model's weights: safetensors files, or ``model.onnx`` + its external data."""
-    path = Path(path)
-    return sum(p.stat().st_size for pattern in ("*.safetensors", "model.onnx*") for p in path.glob(pattern))
-
-
-def count_parameters(path: Path) -> int:
-    """Parameters stored in the folder's safetensors files, read from their headers; a
-    quantized Linear counts its in × out weights (not its packed bytes, scales or zeros)."""
-    total = 0
-    quant_layers: dict = {}
-    qc = Path(path) / "quantization.json"
-    if qc.is_file():
-        quant_layers = json.loads(qc.read_text()).get("layers", {})
-        total += sum(int(v["in_features"]) * int(v["out_features"]) for v in quant_layers.values())
-    for p in Path(path).glob("*.safetensors"):
-        with open(p, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, meta in header.items():
-            if name == "__metadata__" or name.rsplit(".", 1)[0] in quant_layers and not name.endswith(".bias"):
-                continue
-            numel = 1
-            for d in meta["shape"]:
-                numel *= d
-            total += numel
-    return total
 
 
 # ---------------------------------------------------------------------------- atomic I/O

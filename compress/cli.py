@@ -211,16 +211,21 @@ def passes_list(as_json: bool = typer.Option(False, "--json")) -> None:
     rows = []
     for spec in list_passes():
         defaults = spec.config().to_dict()
+        def default(key: str):
+            head, _, rest = key.partition(".")
+            return defaults[head][rest] if rest else defaults[head]
+
         rows.append({
             "name": spec.name, "version": spec.version, "summary": spec.summary,
-            "needs_data": spec.needs_data, "needs_teacher": spec.needs_teacher,
-            "config": {k: {"default": defaults[k], "help": h} for k, h in spec.config.field_help().items()},
+            "accepts": list(spec.accepts), "produces": spec.produces, "uses": list(spec.uses),
+            "config": {k: {"default": default(k), "help": h} for k, h in spec.config.field_help().items()},
         })
     if as_json:
         _emit_json(rows)
         return
     for r in rows:
-        sys.stdout.write(f"{r['name']} (v{r['version']}): {r['summary']}\n")
+        sys.stdout.write(f"{r['name']} (v{r['version']}, {'|'.join(r['accepts'])} -> {r['produces'] or 'same'}): "
+                         f"{r['summary']}\n")
         for k, v in r["config"].items():
             sys.stdout.write(f"    {k:<18} {v['default']!s:<10} {v['help']}\n")
 

@@ -150,27 +150,74 @@ class Config:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
+    def sections(cls) -> dict[str, type["Config"]]:
+        """Fields that are themselves configs (e.g. a training pass's ``train``), by name."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+                if isinstance(hints[f.name], type) and issubclass(hints[f.name], Config)}
+
+    @classmethod
     def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+        """Help of every field; the fields of an embedded section as ``section.key``."""
+        nested = cls.sections()
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.name in nested:
+                out.update({f"{f.name}.{k}": h for k, h in nested[f.name].field_help().items()})
+            else:
+                out[f.name] = f.metadata.get("help", "")
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, section: str | None = None) -> "Config":
-        """Build from a plain dict, rejecting unknown keys and coercing values."""
+        """Build from a plain dict, rejecting unknown keys and coercing values.
+
+        An embedded section (a field whose type is a Config) takes a mapping that is merged over
+        the field's default, ``section.key`` keys, or — where the name is unambiguous — its keys
+        at the top level (``steps`` for ``train.steps``), so ``--set quantize.steps=16`` still works.
+        """
         section = section or cls.SECTION
-        data = dict(data or {})
-        if not isinstance(data, dict):
+        if data is not None and not isinstance(data, dict):
             raise UserError(f"{section}: expected a mapping, got {data!r}")
+        data = dict(data or {})
         hints = typing.get_type_hints(cls)
         allowed = cls.field_names()
+        nested = cls.sections()
+        sub: dict[str, dict[str, Any]] = {name: {} for name in nested}
+        for key in list(data):
+            head, dot, rest = key.partition(".")
+            if dot and head in nested:
+                sub[head][rest] = data.pop(key)
+            elif key not in allowed:
+                owners = [n for n, c in nested.items() if key in c.field_names()]
+                if len(owners) == 1:
+                    sub[owners[0]][key] = data.pop(key)
         unknown = sorted(set(data) - set(allowed))
         if unknown:
-            raise UserError(
-                f"{section}: unknown key {unknown[0]!r}; allowed keys: {', '.join(allowed)}"
-            )
-        values = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in data.items()}
+            keys = [k for k in allowed if k not in nested] + [f"{n}.{k}" for n, c in nested.items() for k in c.field_names()]
+            raise UserError(f"{section}: unknown key {unknown[0]!r}; allowed keys: {', '.join(keys)}")
+        values = {}
+        defaults = {f.name: f for f in dataclasses.fields(cls)}
+        for k, v in data.items():
+            if k in nested:
+                if isinstance(v, Config):
+                    v = v.to_dict()
+                if not isinstance(v, dict):
+                    raise UserError(f"{section}.{k}: expected a mapping, got {v!r}")
+                sub[k] = {**v, **sub[k]}
+            else:
+                values[k] = _coerce(v, hints[k], f"{section}.{k}")
+        for name, given in sub.items():
+            if given or name in data:
+                base = _field_default(defaults[name])
+                merged = {**(base.to_dict() if base is not None else {}), **given}
+                values[name] = nested[name].from_dict(merged, f"{section}.{name}")
         try:
             return cls(**values)
-        except UserError:
+        except UserError as exc:
+            msg = str(exc)
+            if section != cls.SECTION and msg.startswith(f"{cls.SECTION}."):  # an embedded section: full path
+                raise UserError(f"{section}{msg[len(cls.SECTION):]}") from None
             raise
         except TypeError as exc:  # pragma: no cover - dataclass signature errors
             raise UserError(f"{section}: {exc}") from None
@@ -179,6 +226,8 @@ class Config:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if isinstance(v, Config):
+                v = v.to_dict()
             out[f.name] = list(v) if isinstance(v, tuple) else (dict(v) if isinstance(v, dict) else v)
         return out
 
@@ -188,21 +237,24 @@ class Config:
     def canonical_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
-    def replace(self, **changes: Any) -> "Config":
-        return self.from_dict({**self.to_dict(), **changes})
 
-    def with_overrides(self, overrides: dict[str, Any], section: str | None = None) -> "Config":
-        return type(self).from_dict({**self.to_dict(), **overrides}, section)
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """Split ``section.key=value``; the value is read as a YAML scalar."""
+    """Split ``section.key=value`` (or ``section.sub.key=value`` for an embedded section such as
+    ``distill.train.steps``); the value is read as a YAML scalar."""
     if "=" not in text:
         raise UserError(f"bad override {text!r}: expected SECTION.KEY=VALUE, e.g. distill.lr=1e-4")
     lhs, raw = text.split("=", 1)
-    if lhs.count(".") != 1 or not all(lhs.split(".")):
+    if lhs.count(".") not in (1, 2) or not all(lhs.split(".")):
         raise UserError(f"bad override {text!r}: expected SECTION.KEY=VALUE, e.g. distill.lr=1e-4")
-    section, key = lhs.split(".")
+    section, key = lhs.split(".", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -19,7 +19,7 @@ from .artifact import (  # noqa: E402
 )
 from .cache import cache_dir  # noqa: E402
 from .errors import UserError, one_line  # noqa: E402
-from .sources import SUPPORTED_MODEL_TYPES, SourceRef, check_model_type, source_id  # noqa: E402
+from .sources import SourceRef, check_model_type, source_id  # noqa: E402
 
 
 def _quiet_transformers(quiet: bool) -> None:
@@ -193,8 +193,9 @@ def load_tokenizer(path: Path):
 
 
 def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = True):
-    """Load a causal LM from a HF folder or artifact (safetensors only), in eval mode."""
-    from transformers import AutoModelForCausalLM
+    """The PyTorch model of a HF folder or a PyTorch-format artifact (the format registry decides
+    how: a quantized artifact loads as its fake-quant model), in eval mode. Safetensors only."""
+    from .formats import format_of
 
     _quiet_transformers(quiet)
     path = Path(path)
@@ -203,13 +204,21 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = 
     except (OSError, ValueError) as exc:
         raise UserError(f"{path / 'config.json'}: unreadable ({one_line(exc)})") from None
     check_model_type(model_type, path)
-    from .quantized import is_quantized, load_quantized
+    fmt = format_of(path)
+    if fmt.evaluated_with != "pytorch":
+        raise UserError(f"{path} is a {fmt.name} model, not a PyTorch one")
+    try:
+        return fmt.load(path, dtype=dtype)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot load {fmt.name} weights from {path}: {one_line(exc)}") from None
 
-    if is_quantized(path):
-        try:
-            return load_quantized(path, dtype=dtype)
-        except Exception as exc:
-            raise UserError(f"cannot load quantized weights from {path}: {one_line(exc)}") from None
+
+def load_hf_model(path: Path, *, dtype: torch.dtype = torch.float32, **_):
+    """A plain Hugging Face folder (format ``hf``), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, config=load_config(path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
@@ -219,12 +228,6 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = 
         raise UserError(f"cannot load weights from {path}: {one_line(exc)}") from None
     model.eval()
     return model
-
-
-def load_source(ref: SourceRef, *, quiet: bool = True, log=None):
-    """(model, tokenizer, folder) for a resolved source."""
-    folder = model_folder(ref, quiet=quiet, log=log)
-    return load_model(folder, quiet=quiet), load_tokenizer(folder), folder
 
 
 def teacher_folder(artifact_path: Path) -> Path | None:
@@ -269,7 +272,7 @@ def chat(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
 
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "chat", "convert_gguf", "forward_with_cache", "load_model", "load_source",
+    "chat", "convert_gguf", "forward_with_cache", "load_hf_model", "load_model",
     "load_config", "portable_config_", "save_model",
     "load_tokenizer", "model_folder", "teacher_folder",
 ]

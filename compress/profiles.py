@@ -2,15 +2,15 @@
 
 ```yaml
 description: one line
-target: {device: cpu, runtime: pytorch}
+target: cpu                     # a target name (profiles/targets), or {name: cpu, threads: 2}
 data: {seq_len: 512}            # DataConfig fields
 evaluation: {max_tokens: 16384} # EvalConfig fields
 passes:
   - name: distill
     config: {steps: 100}
 ```
-Overrides (``--set SECTION.KEY=VALUE``) address ``data``, ``evaluation`` or a pass
-by name. Torch-free.
+Overrides (``--set SECTION.KEY=VALUE``) address ``target``, ``data``, ``evaluation`` or a
+pass by name (``--set quantize.train.steps=16``). Torch-free.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import yaml
 from .config import Config, DataConfig, EvalConfig, parse_override
 from .errors import UserError, one_line
 from .registry import PassSpec, get_pass
+from .target import TargetConfig, target_from_profile
 
 TOP_LEVEL_KEYS = ("description", "target", "data", "evaluation", "passes")
 DEFAULT_PROFILE = "quick-4bit"  # compresses: a newcomer sees the product; `baseline` only evaluates
@@ -63,7 +64,7 @@ class Stage:
 class Pipeline:
     name: str
     description: str
-    target: dict[str, Any]
+    target: TargetConfig
     data: DataConfig
     evaluation: EvalConfig
     stages: list[Stage]
@@ -72,7 +73,7 @@ class Pipeline:
         return {
             "profile": self.name,
             "description": self.description,
-            "target": self.target,
+            "target": self.target.to_dict(),
             "data": self.data.to_dict(),
             "evaluation": self.evaluation.to_dict(),
             "passes": [
@@ -113,10 +114,13 @@ def load_pipeline(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Pip
 
     data_raw = dict(raw.get("data") or {})
     eval_raw = dict(raw.get("evaluation") or {})
+    target_over: dict[str, Any] = {}
     names = [spec.name for spec, _ in entries]
     for text in overrides:
         section, key, value = parse_override(text)
-        if section == "data":
+        if section == "target":
+            target_over[key] = value
+        elif section == "data":
             data_raw[key] = value
         elif section == "evaluation":
             eval_raw[key] = value
@@ -125,13 +129,11 @@ def load_pipeline(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Pip
                 raise UserError(f"override {text!r}: pass {section!r} appears more than once in profile {pname}")
             entries[names.index(section)][1][key] = value
         else:
-            allowed = ", ".join(["data", "evaluation", *dict.fromkeys(names)])
+            allowed = ", ".join(["target", "data", "evaluation", *dict.fromkeys(names)])
             raise UserError(f"override {text!r}: unknown section {section!r}; this profile has: {allowed}")
 
     stages = [Stage(spec, spec.config.from_dict(cfg, spec.name)) for spec, cfg in entries]
-    target = raw.get("target") or {}
-    if not isinstance(target, dict):
-        raise UserError(f"profile {pname}: 'target' must be a mapping")
+    target = target_from_profile(raw.get("target"), target_over, f"profile {pname}")
     return Pipeline(
         name=pname,
         description=str(raw.get("description", "")),
@@ -141,7 +143,3 @@ def load_pipeline(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Pip
         stages=stages,
     )
 
-
-def describe(name: str) -> str:
-    path = profile_path(name)
-    return path.read_text()

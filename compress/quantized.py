@@ -1,10 +1,12 @@
 """Quantized models in PyTorch: fake-quant modules and the artifact format.
 
-A quantized artifact is a Hugging Face folder whose ``config.json`` is the plain model's,
-plus ``quantization.json`` (what was quantized, how) and ``model.safetensors`` holding, for
-every quantized Linear ``NAME``: ``NAME.qweight`` (packed codes, MatMulNBits layout
-``(N, kb, group*bits/8)``), ``NAME.scales`` (fp32 ``(N, kb)``) and ``NAME.qzeros`` (uint8
-``(N, kb)``), beside the unquantized tensors (norms, biases, an fp32 embedding).
+A quantized artifact (format ``quantized`` in :mod:`compress.formats`) is a Hugging Face folder
+whose ``config.json`` is the plain model's, plus ``quantization.json`` (what was quantized, how)
+and ``model.safetensors`` holding, for every quantized Linear ``NAME``: ``NAME.qweight`` (packed
+codes, MatMulNBits layout ``(N, kb, group*bits/8)``), ``NAME.scales`` (fp32 ``(N, kb)``) and
+``NAME.qzeros`` (uint8 ``(N, kb)``), beside the unquantized tensors (norms, biases, an fp32
+embedding). Sparsity masks are not stored here but in the folder's ``masks.safetensors``
+(:mod:`compress.masks`; format version 1 kept them as ``NAME.mask``, still read).
 ``load_quantized`` gives a fake-quant model: each Linear computes with
 ``(codes - zero) * scale`` — exactly what the ONNX export's ``MatMulNBits`` computes.
 
@@ -27,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .formats import QUANT_CONFIG
 from .ops import quant as Q
 
-QUANT_CONFIG = "quantization.json"
 FORMAT = "compress-int-groupwise"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sparsity masks live in masks.safetensors (compress.masks), not beside the codes
 
 
 @dataclass(frozen=True)
@@ -178,12 +180,6 @@ def int8_blockwise(x: torch.Tensor, block: int) -> torch.Tensor:
     return (q * scale).reshape(*x.shape[:-1], kb * block)[..., :k].to(x.dtype)
 
 
-def emulate_accuracy_level(model: nn.Module, level: int) -> None:
-    """Make every QuantLinear compute as MatMulNBits does at ``level`` (4: int8 activations)."""
-    for m in quant_modules(model).values():
-        m.act_int8 = level == 4
-
-
 class TiedQuantEmbedding(nn.Module):
     """The input embedding of a model whose tied head is quantized: rows of the head's
     dequantized weight (one stored matrix serves both, as in the ONNX export)."""
@@ -220,10 +216,6 @@ def tie_quantized_head(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------- artifact I/O
 
-def is_quantized(path: Path) -> bool:
-    return (Path(path) / QUANT_CONFIG).is_file()
-
-
 def save_quantized(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
     """Write config.json, model.safetensors (codes packed) and quantization.json."""
     from safetensors.torch import save_file
@@ -241,8 +233,6 @@ def save_quantized(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
         tensors[f"{n}.qzeros"] = m.zero.detach().round().to(torch.uint8).contiguous()
         if m.bias is not None:
             tensors[f"{n}.bias"] = m.bias.detach().float().contiguous()
-        if m.mask is not None:
-            tensors[f"{n}.mask"] = Q.pack_codes(m.mask.to(torch.uint8), 2, m.q.group).contiguous()
         layers[n] = {**m.q.to_dict(), "in_features": m.in_features, "out_features": m.out_features,
                      "masked": m.mask is not None}
     skip = set()
@@ -270,7 +260,7 @@ def save_quantized(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
         indent=2))
 
 
-def load_quantized(path: Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_quantized(path: Path, *, dtype: torch.dtype = torch.float32, **_: Any) -> nn.Module:
     """The fake-quant PyTorch model of a quantized artifact, in eval mode."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -285,12 +275,17 @@ def load_quantized(path: Path, *, dtype: torch.dtype = torch.float32) -> nn.Modu
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tensors = load_file(str(path / "model.safetensors"))
+    from .masks import read_masks
+
+    masks = read_masks(path)
     for name, spec in qc["layers"].items():
         q = LinearQuant(int(spec["bits"]), int(spec["group"]), bool(spec["sym"]))
         k, n = int(spec["in_features"]), int(spec["out_features"])
-        mask = None
-        if spec.get("masked"):
+        mask = masks.get(name)
+        if f"{name}.mask" in tensors:  # format version 1
             mask = Q.unpack_codes(tensors.pop(f"{name}.mask"), 2, k).bool()
+        elif spec.get("masked") and mask is None:
+            raise ValueError(f"{name} is masked but {path} has no mask for it")
         m = QuantLinear(k, n, q, bias=tensors.pop(f"{name}.bias", None), mask=mask)
         codes = Q.unpack_codes(tensors.pop(f"{name}.qweight"), q.bits, k)
         m.set_codes(codes, tensors.pop(f"{name}.scales"), tensors.pop(f"{name}.qzeros").float())
@@ -305,16 +300,9 @@ def load_quantized(path: Path, *, dtype: torch.dtype = torch.float32) -> nn.Modu
         raise ValueError(f"weights do not match the model: missing {really_missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False) and not qc.get("tied_head_quantized"):
         model.tie_weights()
-    # rotary buffers were created on meta: rebuild them from a fresh module (transformers 4.x keeps
-    # original_inv_freq as an attribute, 5.x as a buffer; both build from the config alone)
-    for mod in model.modules():
-        if hasattr(mod, "inv_freq") and getattr(mod, "inv_freq").is_meta:
-            with torch.device("cpu"):
-                fresh = type(mod)(mod.config)
-            for name, buf in fresh.named_buffers(recurse=False):
-                mod.register_buffer(name, buf, persistent=False)
-            mod.original_inv_freq = fresh.original_inv_freq
-            mod.attention_scaling = fresh.attention_scaling
+    from .arch import arch_of
+
+    arch_of(model).rebuild_rotary(model)  # rotary buffers were created on the meta device
     model.to(dtype)
     for m in quant_modules(model).values():
         m.scale.data = m.scale.data.float()

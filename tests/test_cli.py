@@ -39,7 +39,7 @@ def test_help_lists_commands():
 def test_passes_and_profiles_json():
     passes = json.loads(run_cli("passes", "list", "--json").stdout)
     assert "distill" in [p["name"] for p in passes]
-    assert passes[0]["config"]["steps"]["default"] == 100
+    assert passes[0]["config"]["train.steps"]["default"] == 100 and passes[0]["accepts"] == ["hf"]
     profiles = json.loads(run_cli("profiles", "list", "--json").stdout)
     assert "baseline" in [p["name"] for p in profiles]
     shown = json.loads(run_cli("profiles", "show", "baseline", "--json").stdout)
@@ -52,7 +52,7 @@ def test_dry_run_prints_resolved_pipeline_and_writes_nothing(tiny_dir, tmp_path)
                    "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
-    assert plan["passes"][0]["config"]["lr"] == 3e-4 and plan["passes"][0]["config"]["steps"] == 6
+    assert plan["passes"][0]["config"]["train"]["lr"] == 3e-4 and plan["passes"][0]["config"]["train"]["steps"] == 6
     assert not out.exists()
 
 

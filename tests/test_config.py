@@ -33,7 +33,7 @@ def test_every_field_is_documented():
 
 def test_string_values_are_coerced_and_checked():
     cfg = get_pass("distill").config.from_dict({"lr": "1e-4", "steps": "12", "bf16": "OFF"})
-    assert cfg.lr == 1e-4 and cfg.steps == 12 and cfg.bf16 == "off"
+    assert cfg.train.lr == 1e-4 and cfg.train.steps == 12 and cfg.train.bf16 == "off"
     with pytest.raises(UserError, match="expected an integer"):
         get_pass("distill").config.from_dict({"steps": "many"})
     with pytest.raises(UserError, match="expected one of"):
@@ -49,7 +49,7 @@ def test_yaml_booleans_and_numbers_reach_string_choices():
     q = get_pass("quantize").config
     assert q.from_dict({"block_ap": True}).block_ap == "on" and q.from_dict({"block_ap": False}).block_ap == "off"
     assert q.from_dict({"embeddings": 8}).embeddings == "8"
-    assert get_pass("distill").config.from_dict({"bf16": False}).bf16 == "off"
+    assert get_pass("distill").config.from_dict({"bf16": False}).train.bf16 == "off"
     _, key, value = parse_override("quantize.block_ap=on")
     assert q.from_dict({key: value}).block_ap == "on"
     with pytest.raises(UserError, match="expected one of"):
@@ -59,7 +59,8 @@ def test_yaml_booleans_and_numbers_reach_string_choices():
 def test_parse_override():
     assert parse_override("distill.lr=1e-4") == ("distill", "lr", "1e-4")
     assert parse_override("evaluation.window=256") == ("evaluation", "window", 256)
-    for bad in ("distill.lr", "lr=1", "a.b.c=1", ".x=1"):
+    assert parse_override("distill.train.lr=1e-4") == ("distill", "train.lr", "1e-4")
+    for bad in ("distill.lr", "lr=1", "a.b.c.d=1", ".x=1", "a..b=1"):
         with pytest.raises(UserError):
             parse_override(bad)
 
@@ -67,8 +68,13 @@ def test_parse_override():
 def test_profile_overrides_apply_and_reject(tmp_path):
     prof = tmp_path / "p.yaml"
     prof.write_text("description: t\npasses:\n  - name: distill\n    config: {steps: 3}\n")
-    pipe = load_pipeline(str(prof), ["distill.steps=7", "evaluation.window=64", "data.seq_len=32"])
-    assert pipe.stages[0].config.steps == 7 and pipe.evaluation.window == 64 and pipe.data.seq_len == 32
+    pipe = load_pipeline(str(prof), ["distill.steps=7", "evaluation.window=64", "data.seq_len=32",
+                                     "target.threads=3"])
+    assert pipe.stages[0].config.train.steps == 7 and pipe.evaluation.window == 64 and pipe.data.seq_len == 32
+    assert pipe.target.threads == 3 and pipe.target.device == "cpu"
+    assert load_pipeline(str(prof), ["distill.train.steps=9"]).stages[0].config.train.steps == 9
+    with pytest.raises(UserError, match="unknown key 'threadz'"):
+        load_pipeline(str(prof), ["target.threadz=1"])
     with pytest.raises(UserError, match="unknown section 'quantize'"):
         load_pipeline(str(prof), ["quantize.bits=4"])
     with pytest.raises(UserError, match="unknown key 'stepz'"):
@@ -87,10 +93,32 @@ def test_shipped_profiles_resolve():
         load_pipeline(name)
 
 
+def test_embedded_training_section_merges_over_the_pass_defaults():
+    q = get_pass("quantize").config
+    d = get_pass("distill").config
+    # each pass has its own training defaults; a partial section keeps the rest of them
+    assert q().train.lr == 2e-4 and q().train.bf16 == "off" and d().train.lr == 2e-5 and d().train.bf16 == "auto"
+    cfg = q.from_dict({"train": {"steps": 7}})
+    assert cfg.train.steps == 7 and cfg.train.lr == 2e-4 and cfg.train.batch_size == 2
+    # flat (unambiguous) and dotted keys reach the section; the canonical form is nested
+    assert q.from_dict({"steps": 7}) == cfg == q.from_dict({"train.steps": 7})
+    assert q.from_dict(cfg.to_dict()) == cfg and '"train":{' in cfg.canonical_json()
+    with pytest.raises(UserError, match=r"quantize\.train\.steps: must be >= 0"):
+        q.from_dict({"train": {"steps": -1}})
+    with pytest.raises(UserError, match=r"quantize\.train: unknown key 'stepz'; allowed keys: steps, lr"):
+        q.from_dict({"train": {"stepz": 1}})
+    assert "train.lr" in q.field_help() and "train" not in q.field_help()
+
+
 def test_registry_rejects_duplicates_and_bad_names():
+    kw = dict(entry="x:y", summary="", algorithm=1, accepts=("hf",), produces="hf")
     with pytest.raises(ValueError, match="already registered"):
-        register_pass("distill", config=Config, entry="x:y", summary="")
+        register_pass("distill", config=Config, **kw)
     with pytest.raises(ValueError, match="lowercase"):
-        register_pass("Bad-Name", config=Config, entry="x:y", summary="")
+        register_pass("Bad-Name", config=Config, **kw)
+    with pytest.raises(ValueError, match="unknown or missing formats"):
+        register_pass("new_pass", config=Config, **{**kw, "accepts": ("gguf",)})
+    with pytest.raises(ValueError, match="algorithm"):
+        register_pass("new_pass", config=Config, **{**kw, "algorithm": 0})
     with pytest.raises(UserError, match="unknown pass"):
         get_pass("nope")

@@ -79,7 +79,7 @@ def test_self_data_is_generated_once_and_cached(tiny_dir, tok):
     cfg = DataConfig(num_prompts=5, eval_prompts=3, max_new_tokens=8, generation_batch_size=2)
     spec = self_data_spec("tiny", cfg, "eval")
     assert spec.fingerprint != self_data_spec("tiny", cfg, "train").fingerprint
-    assert spec.fingerprint != self_data_spec("tiny", cfg.replace(max_new_tokens=9), "eval").fingerprint
+    assert spec.fingerprint != self_data_spec("tiny", DataConfig.from_dict({**cfg.to_dict(), "max_new_tokens": 9}), "eval").fingerprint
     path = ensure_self_data(spec, cfg, load_model(tiny_dir), tok)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert 1 <= len(rows) <= 3

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from compress import api
-from compress.artifact import compute_id, count_parameters, read_artifact, staging_dir
+from compress.artifact import compute_id, read_artifact, staging_dir
+from compress.formats import count_parameters
 
 PROFILE = str(Path(__file__).parent / "profiles" / "distill-tiny.yaml")
 
@@ -48,7 +49,7 @@ def test_run_report_rerun_is_cache_hit(tiny_dir, tiny_text, tmp_path):
     assert "| 1 | 01-distill |" in (out / "report.md").read_text()
     man = read_artifact(out / "stages" / "01-distill").manifest
     assert man["parent"] == src["id"] and man["teacher"]["id"] == src["id"] and man["pass"] == "distill"
-    assert man["config"]["steps"] == 6 and len(man["metrics"]["train"]["history"]) == 6
+    assert man["config"]["train"]["steps"] == 6 and len(man["metrics"]["train"]["history"]) == 6
     assert not (out / ".work" / dst["id"]).exists()  # checkpoints are removed once the stage is committed
 
     t0 = time.perf_counter()
@@ -65,7 +66,7 @@ def test_changed_config_reruns_only_changed_stage(tiny_dir, tiny_text, tmp_path)
     rep2 = _run(tiny_dir, tiny_text, out, "distill.steps=4")
     assert rep2["stages"][0]["cached"] and not rep2["stages"][1]["cached"]
     assert rep2["stages"][1]["id"] != rep["stages"][1]["id"]
-    assert read_artifact(out / "stages" / "01-distill").manifest["config"]["steps"] == 4
+    assert read_artifact(out / "stages" / "01-distill").manifest["config"]["train"]["steps"] == 4
 
 
 def test_training_data_is_part_of_the_id(tiny_dir, tiny_text, tmp_path):
@@ -152,6 +153,7 @@ def test_report_ends_with_teacher_vs_compressed_table():
             {**stage, "index": 2, "name": "02-export_onnx", "pass": "export_onnx", "format": "onnx",
              "weight_bytes": 100e6, "perplexity": 25.0, "kl": 0.25, "top1_agreement": 0.75},
             {**stage, "index": 3, "name": "03-profile_latency", "pass": "profile_latency", "format": "onnx",
+             "changes_model": False,
              "weight_bytes": 100e6, "perplexity": 25.0, "kl": 0.25, "top1_agreement": 0.75,
              "latency": [lat("onnx", "onnxruntime", 190.0, 850.0), lat("pytorch", "pytorch eager", 19.0, 425.0)]},
         ],

@@ -9,7 +9,7 @@ import pytest
 from compress import api
 from compress.errors import UserError
 from compress.profiling.harness import ProfileSettings, prompt_ids, summarize
-from compress.profiling.targets import load_target
+from compress.target import load_target
 
 PROFILE = str(Path(__file__).parent / "profiles" / "export-tiny.yaml")
 FAST = ["--prompt-tokens", "8", "--new-tokens", "4", "--runs", "2", "--warmup", "1"]
@@ -78,7 +78,8 @@ def test_cli_export_refusals(cli, exported, tiny_dir, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: --out") and "--force" in r.stderr
     assert (taken / "x.txt").read_text() == "mine"
     r = cli("export", str(out), "--out", str(tmp_path / "again"))
-    assert r.returncode == 2 and "already an ONNX export" in r.stderr and not (tmp_path / "again").exists()
+    assert r.returncode == 2 and "pass export_onnx (compress export) cannot take an onnx model" in r.stderr
+    assert not (tmp_path / "again").exists()
     r = cli("export", str(tiny_dir), "--out", str(tmp_path / "x"), "--precision", "int3")
     assert r.returncode == 2 and "precision" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
@@ -120,7 +121,7 @@ def test_cli_profile_bad_input(cli, exported, tmp_path):
         r = cli("profile", str(out), "--target", "cuda", *FAST)
         assert r.returncode == 2 and r.stderr.startswith("error: target cuda unavailable: ")
         assert r.stderr.count("\n") == 1
-    for args, msg in ((["--target", "tpu"], "unknown target"), (["--runs", "0"], "runs must be"),
+    for args, msg in ((["--target", "tpu"], "unknown target"), (["--runs", "0"], "profile_latency.runs: must be at least 1"),
                       ([], "not found")):
         target = [str(tmp_path / "missing")] if msg == "not found" else [str(out)]
         r = cli("profile", *target, *args)
@@ -134,13 +135,13 @@ def test_pipeline_evaluate_export_profile(tiny_dir, tiny_text, tmp_path):
     src, exp, prof = rep["stages"]
     assert exp["format"] == prof["format"] == "onnx" and src["format"] == "hf"
     assert exp["perplexity"] == pytest.approx(src["perplexity"], rel=1e-4)  # the ONNX model itself was evaluated
-    assert exp["kl"] < 1e-6 and exp["validation"]["greedy_equal"]
+    assert exp["kl"] < 1e-6 and exp["pass_metrics"]["export"]["validation"]["greedy_equal"]
     assert exp["parameters"] == src["parameters"]
     assert prof["perplexity"] == exp["perplexity"] and prof["eval_seconds"] is None  # same model, not re-run
     systems = [r["kind"] for r in prof["latency"]]
     assert systems == ["onnx", "pytorch"] and prof["latency"][0]["threads"] == 1
     md = (out / "report.md").read_text()
-    assert "## Latency" in md and "decode tok/s" in md and "validated against PyTorch" in md
+    assert "Latency on target cpu" in md and "decode tok/s" in md and "validated against PyTorch" in md
     again = api.run(p, out, quiet=True)
     assert all(s["cached"] for s in again["stages"])
     assert again["stages"][2]["latency"] == prof["latency"]

@@ -10,10 +10,12 @@ import torch
 
 from compress.artifact import Artifact
 from compress.context import PassContext
+from compress.masks import write_masks
+from compress.runner import parent_masks_of
 from compress.ops import quant as Q
 from compress.ops.losses import forward_kl
 from compress.passes.quantize.config import QuantizeConfig
-from compress.passes.quantize.run import clip_search, quantize
+from compress.passes.quantize.run import quantize
 from compress.quantized import LinearQuant, QuantLinear, int8_blockwise, load_quantized, quant_modules
 from conftest import run_cli
 from tiny import CORPUS, make_model, make_tokenizer
@@ -96,7 +98,7 @@ def test_gptq_and_clip_search_beat_rtn_on_layer_output_error():
     rtn = _out_err(w, Q.dequantize(Q.quantize(w, s, z, 3, 32), s, z, 32), h)
     codes, s_g, z_g = Q.gptq(w, h, 3, 32, False)
     gptq = _out_err(w, Q.dequantize(codes, s_g, z_g, 32), h)
-    codes, s_c, z_c = clip_search(w, h, q, 6, 0.5)
+    codes, s_c, z_c = Q.clip_search(w, h, q.bits, q.group, q.sym, 6, 0.5)
     clip = _out_err(w, Q.dequantize(codes, s_c, z_c, 32), h)
     assert gptq < 0.8 * rtn
     codes, s_m, z_m = Q.gptq(w, h, 3, 32, False, shrinks=[1.0, 0.9, 0.8, 0.7])  # MSE-clipped GPTQ
@@ -164,17 +166,18 @@ def test_matmul_nbits_computes_our_dequantized_weights(bits, group, sym):
 def _tiny_parent(tmp_path: Path, sparsity: float = 0.0) -> Artifact:
     model = make_model(320, seed=0)
     tok = make_tokenizer()
-    manifest = {"id": "parent", "format": "hf"}
+    manifest = {"id": "parent", "format": "hf", "invariants": {}}
+    path = tmp_path / "parent"
+    path.mkdir(parents=True)
     if sparsity:
-        names = []
+        masks = {}
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for n, m in model.named_modules():
                 if isinstance(m, torch.nn.Linear) and ".layers." in n:
-                    m.weight.mul_(torch.rand(m.weight.shape, generator=g) >= sparsity)
-                    names.append(n)
-        manifest["sparsity"] = {"kind": "unstructured", "modules": names}
-    path = tmp_path / "parent"
+                    masks[n] = torch.rand(m.weight.shape, generator=g) >= sparsity
+                    m.weight.mul_(masks[n])
+        manifest["invariants"]["sparsity"] = write_masks(path, masks)
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     (path / "manifest.json").write_text(json.dumps(manifest))
@@ -191,12 +194,13 @@ def _ctx(tmp_path: Path, parent: Artifact, name: str, teacher) -> PassContext:
     out.mkdir(parents=True, exist_ok=True)
     blocks = _blocks(make_tokenizer())
     return PassContext(artifact_id=name, out_dir=out, work_dir=tmp_path / f"{name}-work", teacher_path=parent.path,
-                       load_teacher=lambda: teacher, training_blocks=lambda: blocks, progress=None, log=lambda m: None)
+                       load_teacher=lambda: teacher, training_blocks=lambda: blocks, progress=None, log=lambda m: None,
+                       parent_masks=parent_masks_of(parent))
 
 
 def _cfg(**kw):
     base = dict(bits=4, group_size=32, init="gptq", calibration_blocks=6, block_ap="off", steps=6, lr=1e-3,
-                weight_lr=1e-4, warmup_steps=1, batch_size=2, checkpoint_every=2, threads=1, heldout_blocks=2,
+                weight_lr=1e-4, warmup_steps=1, batch_size=2, checkpoint_every=2, heldout_blocks=2,
                 embeddings="8")
     base.update(kw)
     return QuantizeConfig.from_dict(base)
@@ -214,10 +218,11 @@ def test_masks_survive_init_block_ap_recovery_save_and_export(tmp_path):
     cfg = _cfg(bits=3, block_ap="on", block_ap_steps=3, recovery="ste")
     ctx = _ctx(tmp_path, parent, "q", teacher)
     quantize(parent, cfg, ctx)
+    shutil.copy(parent.path / "masks.safetensors", ctx.out_dir)  # the runner carries the masks (kept invariant)
     model = load_quantized(ctx.out_dir)
     mods = quant_modules(model)
     assert len(mods) == 2 * 7 + 1
-    for name in parent.manifest["sparsity"]["modules"]:
+    for name in parent.manifest["invariants"]["sparsity"]["per_module"]:
         pruned = teacher.get_submodule(name).weight == 0
         w = mods[name].weight
         assert 0.45 < float(pruned.float().mean()) < 0.55
@@ -238,7 +243,7 @@ def test_block_ap_lowers_layer_error_and_never_keeps_a_worse_layer(tmp_path):
     cfg = _cfg(bits=2, group_size=32, init="rtn", block_ap="on", block_ap_steps=12, block_ap_lr=1e-3,
                block_ap_weight_lr=1e-3, recovery="none", embeddings="keep")
     ctx = _ctx(tmp_path, parent, "ap", teacher)
-    layers = quantize(parent, cfg, ctx)["quantize"]["layers"]
+    layers = quantize(parent, cfg, ctx).metrics["quantize"]["layers"]
     recs = [r["block_ap"] for r in layers]
     assert len(recs) == len(teacher.model.layers)
     for r in recs:
@@ -277,7 +282,7 @@ def test_resumed_recovery_equals_uninterrupted(tmp_path, mode):
     class Stop(Exception):
         pass
 
-    import compress.passes.quantize.run as qrun
+    import compress.training.loop as qrun
 
     real_train = qrun.train
 
@@ -301,9 +306,9 @@ def test_resumed_recovery_equals_uninterrupted(tmp_path, mode):
     shutil.rmtree(ctx.out_dir)
     ctx.out_dir.mkdir()
     res = quantize(parent, cfg, ctx)
-    tr = res["quantize"]["recovery"]["train"]
+    tr = res.metrics["quantize"]["recovery"]["train"]
     assert tr["resumed_from_step"] == 4
-    assert tr["history"] == ref["quantize"]["recovery"]["train"]["history"]
+    assert tr["history"] == ref.metrics["quantize"]["recovery"]["train"]["history"]
     if mode == "pv":
         assert tr["codes_changed"] >= 0
     a, b = load_quantized(ref_ctx.out_dir), load_quantized(ctx.out_dir)
@@ -315,7 +320,7 @@ def test_keeps_initialization_when_recovery_hurts(tmp_path):
     parent = _tiny_parent(tmp_path)
     teacher = _teacher(parent)
     cfg = _cfg(recovery="ste", steps=3, lr=0.5, weight_lr=0.5, heldout_blocks=3)  # absurd lr: recovery must lose
-    res = quantize(parent, cfg, _ctx(tmp_path, parent, "bad", teacher))["quantize"]["recovery"]
+    res = quantize(parent, cfg, _ctx(tmp_path, parent, "bad", teacher)).metrics["quantize"]["recovery"]
     assert res["kl_heldout_recovered"] > res["kl_heldout_init"]
     assert res["kept"] == "initialization"
 
@@ -369,7 +374,7 @@ def test_cli_quantize_export_pipeline(tiny_dir, tiny_text, tmp_path):
     assert q["weight_bytes"] < 0.45 * st["00-source"]["weight_bytes"]
     assert q["perplexity"] < 1.5 * st["00-source"]["perplexity"]
     onnx = st["02-export_onnx"]
-    v = onnx["validation"]
+    v = onnx["pass_metrics"]["export"]["validation"]
     assert v["exact_codes"]["max_rel_error"] < 1e-4 and v["exact_codes"]["greedy_equal"]
     assert v["accuracy_level"] == 4 and v["max_rel_error"] < 0.15
     assert v["kl_tol"] == 0.1 and 0 < v["mean_kl"] < 0.01  # judged by distributions at level 4
@@ -395,5 +400,6 @@ def test_cli_rejects_requantizing(tiny_dir, tiny_text, tmp_path):
     assert r.returncode == 0, r.stderr[-1000:]
     r = run_cli("model", str(out / "stages" / "01-quantize"), "--profile", str(PROFILE), "--data", str(tiny_text),
                 "--out", str(tmp_path / "again"), "--quiet")
-    assert r.returncode != 0
-    assert "already quantized" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "pass quantize (stage 1) cannot take a quantized model (made by the source); it accepts: hf" in r.stderr
+    assert not (tmp_path / "again").exists()  # refused at plan time: nothing written, nothing evaluated

@@ -22,6 +22,9 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(mid, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
     assert lr_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(mid, 4, 20, 0.1, "linear") == pytest.approx(1 - 0.9 * 0.5)
+    assert lr_factor(20, 4, 20, 0.1, "linear") == pytest.approx(0.1)
+    assert [lr_factor(s, 4, 20, 0.1, "constant") for s in (2, 4, 12, 19)] == [0.75, 1.0, 1.0, 1.0]
 
 
 def test_batches_cover_each_epoch_once_and_depend_only_on_step():
@@ -40,7 +43,7 @@ def _blocks(n=16, t=24, vocab=64):
 
 
 def _settings(**kw):
-    base = dict(steps=8, lr=5e-3, warmup_steps=2, batch_size=2, checkpoint_every=3, threads=1,
+    base = dict(steps=8, lr=5e-3, warmup_steps=2, batch_size=2, checkpoint_every=3,
                 loss=LossWeights(kl=1.0, squarehead=1.0, ce=0.1))
     base.update(kw)
     return TrainSettings(**base)
@@ -57,17 +60,14 @@ def test_distillation_lowers_kl_on_a_fixed_batch(tmp_path):
     assert after < 0.7 * before
 
 
-def test_hooks_param_groups_and_mask_reapplied_after_every_step(tmp_path):
+def test_hooks_param_groups_and_masks_held_exactly(tmp_path):
     teacher, student = make_model(64, seed=1), make_model(64, seed=2)
     w = student.model.layers[0].mlp.up_proj.weight
-    mask = (torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
-    with torch.no_grad():
-        w.mul_(mask)
-    calls = []
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    calls, zeros_seen = [], []
 
-    def after_step(model, step):
-        with torch.no_grad():
-            model.model.layers[0].mlp.up_proj.weight.mul_(mask)
+    def after_step(model, step):  # runs after the loop re-applied the masks
+        zeros_seen.append(bool((model.model.layers[0].mlp.up_proj.weight[~mask] == 0).all()))
         calls.append(step)
 
     def groups(model):
@@ -76,10 +76,41 @@ def test_hooks_param_groups_and_mask_reapplied_after_every_step(tmp_path):
         return [{"params": rest}, {"params": norms, "lr": 0.0}]
 
     norm_before = student.model.norm.weight.detach().clone()
-    train(student, teacher, _blocks(), _settings(), work_dir=tmp_path, hooks=Hooks(groups, after_step))
-    assert calls == list(range(1, 9))
-    assert (w[mask == 0] == 0).all() and (w[mask == 1] != 0).float().mean() > 0.99
+    train(student, teacher, _blocks(), _settings(), work_dir=tmp_path, hooks=Hooks(groups, after_step),
+          masks={"model.layers.0.mlp.up_proj": mask})
+    assert calls == list(range(1, 9)) and all(zeros_seen)
+    assert (w[~mask] == 0).all() and (w[mask] != 0).float().mean() > 0.99
     assert torch.equal(student.model.norm.weight, norm_before)  # lr 0 group untouched
+
+
+def test_loss_hook_adds_terms_and_runs_several_forwards(tmp_path):
+    """A loss hook replaces the step's loss: here the distillation terms plus an L2 pull of one
+    weight towards zero, and a second forward (a "subnet" with a layer skipped) per micro-batch."""
+    teacher = make_model(64, seed=1)
+    base, hooked = make_model(64, seed=2), make_model(64, seed=2)
+    forwards = []
+
+    def loss(inp):
+        total, parts = inp.distillation(inp.student_outputs())
+        layers = inp.unwrapped.model.layers
+        full = list(layers)
+        inp.unwrapped.model.layers = torch.nn.ModuleList(full[:1])  # a shallower subnet, same weights
+        try:
+            sub = forward_kl(inp.student_outputs().logits, inp.teacher_outputs().logits)
+        finally:
+            inp.unwrapped.model.layers = torch.nn.ModuleList(full)
+        reg = inp.unwrapped.model.layers[0].mlp.up_proj.weight.pow(2).sum()
+        forwards.append(inp.step)
+        parts.update(subnet=float(sub.detach()), l2=float(reg.detach()))
+        return total + sub + 0.5 * reg, parts
+
+    train(base, teacher, _blocks(), _settings(), work_dir=tmp_path / "a")
+    res = train(hooked, teacher, _blocks(), _settings(), work_dir=tmp_path / "b", hooks=Hooks(loss=loss))
+    assert forwards == list(range(8))  # once per micro-batch, told its step
+    w_base = base.model.layers[0].mlp.up_proj.weight.norm()
+    w_hook = hooked.model.layers[0].mlp.up_proj.weight.norm()
+    assert w_hook < 0.9 * w_base  # the regularizer acted
+    assert res["loss_last"] > 0 and len(res["history"]) == 8
 
 
 class _Stop(Exception):

@@ -227,3 +227,43 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, sym: boo
         w[:, b0:b1] = w1
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
     return q, scale, zero
+
+
+def clip_search(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, sym: bool, grid: int, max_shrink: float,
+                mask: torch.Tensor | None = None):
+    """Per (row, group): the range shrink (max side, min side) minimizing the group's output
+    error δᵀ H_gg δ (δ = W − Ŵ over the group), over a ``grid`` × ``grid`` set of shrinks.
+    Returns ``(codes, scale, zero)``."""
+    import torch.nn.functional as F
+
+    n, k = w.shape
+    g = group
+    kb = num_groups(k, g)
+    pad = kb * g - k
+    hp = F.pad(h, (0, pad, 0, pad))
+    hb = torch.stack([hp[j * g:(j + 1) * g, j * g:(j + 1) * g] for j in range(kb)])  # (kb, g, g)
+    wg = F.pad(w, (0, pad)).reshape(n, kb, g)
+    best_err = torch.full((n, kb), float("inf"))
+    best_s = torch.zeros(n, kb)
+    best_z = torch.zeros(n, kb)
+    ratios = [1 - max_shrink * i / max(grid - 1, 1) for i in range(grid)] if grid > 1 else [1.0]
+    pairs = [(a, a) for a in ratios] if sym else [(a, b) for a in ratios for b in ratios]
+    for a, b in pairs:
+        s, z = minmax_params(w, bits, g, sym, shrink_max=a, shrink_min=b)
+        codes = quantize(w, s, z, bits, g)
+        deq = dequantize(codes, s, z, g)
+        d = wg - F.pad(deq, (0, pad)).reshape(n, kb, g)
+        if mask is not None:
+            d = d * F.pad(mask.float(), (0, pad)).reshape(n, kb, g)
+        err = torch.einsum("nkg,kgh,nkh->nk", d, hb, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return quantize(w, best_s, best_z, bits, g), best_s, best_z
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """Relative layer-output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) for inputs with Hessian proxy ``h``."""
+    d = w - w_hat
+    return float(torch.einsum("nk,kj,nj->", d, h, d) / torch.einsum("nk,kj,nj->", w, h, w).clamp_min(1e-20))

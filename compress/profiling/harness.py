@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..artifact import ONNX_CONFIG, is_onnx_folder, weight_bytes
+from ..formats import ONNX_CONFIG, detect_format, weight_bytes
 from ..errors import UserError
-from .targets import TargetConfig
+from ..target import TargetConfig
 
 PROMPT_TEXT = (
     "The history of computing is a story of making machines smaller, cheaper and closer to the people "
@@ -50,7 +50,7 @@ def model_kind(path: Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model folder not found: {path}")
-    if is_onnx_folder(path):
+    if detect_format(path) == "onnx":
         return "onnx"
     if (path / "config.json").is_file():
         return "pytorch"

@@ -5,7 +5,10 @@
 - AdamW, linear warmup then cosine decay to ``min_lr_ratio``, gradient accumulation,
   gradient clipping, optional bf16 autocast;
 - hooks: ``param_groups(model)`` shapes the optimizer, ``after_step(model, step)``
-  runs after every ``optimizer.step()`` (re-apply sparsity masks there);
+  runs after every ``optimizer.step()``, ``loss(inputs)`` replaces the step's loss (extra
+  terms such as regularizers, several forwards per step: :class:`LossInputs`);
+- sparsity masks (``masks``: module name -> bool, True = kept) are applied before the first
+  step and re-applied after every optimizer step, so a sparse model stays exactly sparse;
 - checkpoints every ``checkpoint_every`` steps (trainable parameters, optimizer
   state, step, loss history) that a resumed run continues from exactly;
 - device-agnostic through Hugging Face Accelerate: the same code runs on CPU, one
@@ -25,7 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -60,7 +63,7 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 50
     bf16: bool = False
-    threads: int = 0  # 0: leave torch's default
+    schedule: str = "cosine"  # after warm-up: cosine | linear decay to min_lr_ratio, or constant
     loss: LossWeights = field(default_factory=LossWeights)
 
 
@@ -71,14 +74,60 @@ class Hooks:
     # state outside the trainable parameters that a resumed run needs (e.g. re-rounded codes)
     state: Callable[[torch.nn.Module], dict] | None = None
     load_state: Callable[[torch.nn.Module, dict], None] | None = None
+    # the loss of one micro-batch: (loss, {term: value}); default: the weighted distillation terms
+    loss: Callable[["LossInputs"], tuple[torch.Tensor, dict[str, float]]] | None = None
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+@dataclass
+class LossInputs:
+    """What a loss hook gets for one micro-batch. Forwards run under the loop's autocast; the
+    teacher's outputs are computed once per micro-batch, whoever asks first."""
+
+    student: torch.nn.Module  # as wrapped for training (DDP under several processes)
+    unwrapped: torch.nn.Module  # the same model, unwrapped (to reach modules and parameters)
+    teacher: torch.nn.Module | None
+    ids: torch.Tensor
+    step: int
+    weights: LossWeights
+    need_hidden: bool
+    autocast: Any
+    _teacher_out: Any = None
+
+    def teacher_outputs(self):
+        if self._teacher_out is None:
+            if self.teacher is None:
+                raise ValueError("this loss needs a teacher")
+            with self.autocast, torch.no_grad():
+                self._teacher_out = self.teacher(input_ids=self.ids, output_hidden_states=self.need_hidden,
+                                                 use_cache=False)
+        return self._teacher_out
+
+    def student_outputs(self, **kwargs: Any):
+        with self.autocast:
+            return self.student(input_ids=self.ids, output_hidden_states=self.need_hidden, use_cache=False, **kwargs)
+
+    def distillation(self, s_out) -> tuple[torch.Tensor, dict[str, float]]:
+        """The configured weighted CE / KL / reverse KL / SquareHead terms for ``s_out``."""
+        t_out = self.teacher_outputs() if self.weights.needs_teacher else None
+        return distillation_loss(self.weights, s_out, t_out, self.ids, None)
+
+
+def default_loss(inp: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    if inp.weights.needs_teacher:
+        inp.teacher_outputs()  # the teacher runs first, as it always has (same numerics)
+    return inp.distillation(inp.student_outputs())
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: str = "cosine") -> float:
     """Multiplier of the base LR for optimizer step ``step`` (0-based)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     span = max(total - warmup, 1)
     progress = min(max(step - warmup, 0) / span, 1.0)
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -118,20 +167,25 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def train(
     student: torch.nn.Module, teacher: torch.nn.Module | None, blocks: torch.Tensor, settings: TrainSettings,
     *, work_dir: Path, fingerprint: str = "", hooks: Hooks | None = None, progress: Callable | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None, masks: dict[str, torch.Tensor] | None = None, device: str = "auto",
 ) -> dict:
     """Train ``student`` in place on ``blocks`` (``(N, T)`` token ids); return a summary.
 
-    ``work_dir`` holds the checkpoint; one whose ``fingerprint`` differs is ignored.
+    ``work_dir`` holds the checkpoint; one whose ``fingerprint`` differs is ignored. ``masks``
+    (module name -> bool, True = kept) hold exactly throughout. ``device``: ``cpu``, ``cuda``
+    or ``auto`` (CUDA where available). Torch's thread count is the caller's (the runner sets
+    it from the profile's target for the duration of a pass).
     """
     from accelerate import Accelerator
 
+    from ..masks import apply_masks_
+
     hooks = hooks or Hooks()
-    if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
-    if settings.loss.needs_teacher and teacher is None:
+    loss_fn = hooks.loss or default_loss
+    if hooks.loss is None and settings.loss.needs_teacher and teacher is None:
         raise ValueError("these loss weights need a teacher")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    accelerator = Accelerator(cpu=not use_cuda)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     work_dir = Path(work_dir)
     ckpt_path = work_dir / CHECKPOINT
@@ -145,6 +199,9 @@ def train(
         g["lr"] = g["base_lr"]
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), eps=1e-8)
 
+    masks = masks or {}
+    if masks:
+        apply_masks_(student, masks)  # the parent's zeros, exactly (a no-op when it already obeys them)
     start_step, history = 0, []
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -175,7 +232,7 @@ def train(
         bar = progress(total=settings.steps, initial=start_step, desc="train", unit="step")
     try:
         for step in range(start_step, settings.steps):
-            factor = lr_factor(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio)
+            factor = lr_factor(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio, settings.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
             step_loss, step_parts = 0.0, {}
@@ -184,13 +241,8 @@ def train(
                 sync = micro == settings.grad_accum - 1
                 ctx = accelerator.no_sync(student) if (world > 1 and not sync) else _null()
                 with ctx:
-                    with autocast:
-                        t_out = None
-                        if settings.loss.needs_teacher:
-                            with torch.no_grad():
-                                t_out = teacher(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
-                        s_out = student(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
-                    loss, parts = distillation_loss(settings.loss, s_out, t_out, ids, None)
+                    loss, parts = loss_fn(LossInputs(student, unwrapped, teacher, ids, step, settings.loss,
+                                                     need_hidden, autocast))
                     accelerator.backward(loss / settings.grad_accum)
                 step_loss += float(loss.detach()) / settings.grad_accum
                 for k, v in parts.items():
@@ -200,6 +252,8 @@ def train(
                 accelerator.clip_grad_norm_(student.parameters(), settings.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if masks:
+                apply_masks_(unwrapped, masks)
             if hooks.after_step:
                 hooks.after_step(unwrapped, step + 1)
             if world > 1:
@@ -260,6 +314,3 @@ def _save_checkpoint(accelerator, model, optimizer, step, history, fingerprint, 
         os.replace(tmp, path)
     accelerator.wait_for_everyone()
 
-
-def clear_checkpoint(work_dir: Path) -> None:
-    (Path(work_dir) / CHECKPOINT).unlink(missing_ok=True)

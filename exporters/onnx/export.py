@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from compress.artifact import ONNX_CONFIG, weight_bytes
+from compress.formats import ONNX_CONFIG, detect_format, weight_bytes
 from compress.errors import UserError
 from compress.tokenizer import copy_tokenizer_files
 
@@ -65,7 +65,7 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
     from compress.models import load_model, load_tokenizer
 
     src, out = Path(src), Path(out)
-    if (src / ONNX_CONFIG).is_file():
+    if detect_format(src) == "onnx":
         raise UserError(f"{src} is already an ONNX export")
     t0 = time.perf_counter()
     model = load_model(src)

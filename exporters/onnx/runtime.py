@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from compress.artifact import ONNX_CONFIG
+from compress.formats import ONNX_CONFIG
 from compress.errors import UserError, one_line
 
 MODEL_FILE = "model.onnx"

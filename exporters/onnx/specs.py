@@ -5,7 +5,8 @@ in the layout the graph wants (``(in, out)`` matrices) plus the few numbers the 
 needs. Shapes are read from the weights of each layer, not from the config, so pruned
 models (``hidden_size != heads * head_dim``, narrower MLPs, fewer heads or layers,
 untied embeddings) export without special cases. Adding a LLaMA-like architecture is a
-subclass with a different ``model_types`` tuple, registered with ``register_export``.
+subclass with a different ``model_types`` tuple, registered with ``register_export``; the layer
+list and Linear names come from the family's spec in :mod:`compress.arch`.
 """
 
 from __future__ import annotations
@@ -79,9 +80,9 @@ def _np(t) -> np.ndarray:
 
 
 class LlamaExportSpec:
-    """LLaMA family: RMSNorm, rotary (rotate-half), GQA, SwiGLU MLP, optional biases."""
+    """LLaMA-like families: RMSNorm, rotary (rotate-half), GQA, SwiGLU MLP, optional biases (Qwen2's q/k/v)."""
 
-    model_types: tuple[str, ...] = ("llama",)
+    model_types: tuple[str, ...] = ("llama", "qwen2")
 
     def read(self, model) -> DecoderWeights:
         import torch
@@ -91,13 +92,15 @@ class LlamaExportSpec:
         rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
         if rope_type not in STATIC_ROPE:
             raise UserError(f"rope type {rope_type!r} is not exportable (supported: default, linear, llama3)")
-        inner = model.model
+        from compress.arch import arch_of
+
+        arch = arch_of(model)
+        inner = arch.inner(model)
         layers = []
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        for i, layer in enumerate(inner.layers):
-            att, mlp = layer.self_attn, layer.mlp
-            mods = {"q": att.q_proj, "k": att.k_proj, "v": att.v_proj, "o": att.o_proj,
-                    "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+        for i, layer in enumerate(arch.decoder_layers(model)):
+            # graph keys q/k/v/o/gate/up/down from the family's Linear names (self_attn.q_proj -> q)
+            mods = {rel.rsplit(".", 1)[1].removesuffix("_proj"): layer.get_submodule(rel) for rel in arch.linears}
             w = {k: _np(m.weight).T for k, m in mods.items()}
             bias = {k: _np(m.bias) for k, m in mods.items() if getattr(m, "bias", None) is not None}
             lw = LayerWeights(input_norm=_np(layer.input_layernorm.weight),

@@ -8,6 +8,9 @@ register_pass(
     config=DistillConfig,
     entry="compress.passes.distill.run:distill",
     summary="fine-tune the model towards the teacher (KL / reverse KL / SquareHead / CE)",
-    needs_data=True,
-    needs_teacher=True,
+    # algorithm 1: first release; 2: the parent's tokenizer files are copied verbatim (were re-saved)
+    algorithm=2,
+    accepts=("hf",),
+    produces="hf",
+    uses=("data", "teacher"),
 )

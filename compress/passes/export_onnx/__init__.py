@@ -8,5 +8,8 @@ register_pass(
     config=ExportOnnxConfig,
     entry="compress.passes.export_onnx.run:export_onnx",
     summary="export to ONNX (+ onnxruntime-genai config), validated: logits vs PyTorch, greedy tokens equal",
-    output_format="onnx",
+    # algorithm 1: first release; 2: position_ids input (optimum, genai), tokenizer files copied verbatim
+    algorithm=2,
+    accepts=("hf", "quantized"),
+    produces="onnx",
 )

@@ -10,7 +10,7 @@ from ...config import Config, help_field
 class ExportOnnxConfig(Config):
     """ONNX export of the current model (decoder with KV cache, GroupQueryAttention, fused norms)."""
 
-    VERSION: ClassVar[int] = 2  # 2: position_ids input (optimum, genai), tokenizer files copied verbatim
+    VERSION: ClassVar[int] = 1  # config schema (algorithm versions: registered in __init__.py)
     SECTION: ClassVar[str] = "export_onnx"
 
     precision: Literal["fp32", "fp16"] = help_field("fp32", "weight and activation precision of the export")

@@ -8,6 +8,9 @@ register_pass(
     config=ProfileLatencyConfig,
     entry="compress.passes.profile_latency.run:profile_latency",
     summary="measure load time, TTFT, prefill/decode tokens/s, p50/p90, peak memory on a target",
-    output_format=None,
+    algorithm=1,
+    accepts=("hf", "quantized", "onnx"),
+    produces=None,
+    uses=("target",),
     changes_model=False,
 )

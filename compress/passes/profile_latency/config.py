@@ -10,10 +10,10 @@ from ...config import Config, help_field
 class ProfileLatencyConfig(Config):
     """Latency profile of the input model on a target (the model is passed on unchanged)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # config schema (2: `target` defaults to the pipeline's)
     SECTION: ClassVar[str] = "profile_latency"
 
-    target: str = help_field("cpu", "target: cpu, cpu:THREADS, cuda, or a target .yaml file")
+    target: str = help_field("", "target: empty = the pipeline's target; else cpu, cpu:THREADS, cuda or a .yaml")
     prompt_tokens: int = help_field(128, "prompt length, tokens")
     new_tokens: int = help_field(128, "generated tokens per run")
     runs: int = help_field(5, "timed runs (median, min–max reported)")
@@ -29,14 +29,13 @@ class ProfileLatencyConfig(Config):
             self._fail("runs", "must be at least 1")
         if self.warmup < 0:
             self._fail("warmup", "must be >= 0")
-        from ...profiling.targets import load_target
+        if self.target:
+            from ...target import load_target
 
-        load_target(self.target)  # an unknown target or a bad target file fails when the profile loads
+            load_target(self.target)  # an unknown target or a bad target file fails when the profile loads
 
     def preflight(self) -> None:
-        from ...profiling.targets import load_target
+        if self.target:
+            from ...target import load_target
 
-        if load_target(self.target).device == "cuda":
-            from exporters.onnx.runtime import check_provider
-
-            check_provider("cuda")
+            load_target(self.target).preflight()

@@ -1,21 +1,27 @@
-"""Profile the input model (and the eager baseline); pass the model on unchanged."""
+"""Profile the input model (and the eager baseline); the runner passes the model on unchanged."""
 
 from __future__ import annotations
 
-from ...artifact import Artifact, link_model_files
-from ...context import PassContext
+from ...artifact import Artifact
+from ...context import PassContext, PassResult
+from ...formats import detect_format
 from ...profiling.harness import ProfileSettings, profile_model
-from ...profiling.targets import load_target
+from ...profiling.output import render_markdown as latency_table
+from ...target import load_target
 from .config import ProfileLatencyConfig
 
-def profile_latency(parent: Artifact, cfg: ProfileLatencyConfig, ctx: PassContext) -> dict:
-    target = load_target(cfg.target)
+
+def profile_latency(parent: Artifact, cfg: ProfileLatencyConfig, ctx: PassContext) -> PassResult:
+    target = load_target(cfg.target) if cfg.target else (ctx.target or load_target("cpu"))
     settings = ProfileSettings(prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens, runs=cfg.runs,
                                warmup=cfg.warmup)
-    label = f"{parent.path.name} ({parent.manifest.get('format', 'hf')})"
+    label = parent.manifest.get("label") or f"{parent.path.name} ({detect_format(parent.path)})"
     rows = [profile_model(parent.path, target, settings, label=label, log=ctx.log)]
-    if cfg.eager_baseline and ctx.teacher_path != parent.path:
+    if cfg.eager_baseline and ctx.teacher_path.resolve() != parent.path.resolve():
         rows.append(profile_model(ctx.teacher_path, target, settings, label="input model (PyTorch eager)",
                                   log=ctx.log))
-    link_model_files(parent.path, ctx.out_dir)  # the model itself is passed on as is (hard links)
-    return {"latency": rows, "target": target.to_dict()}
+    first = rows[0]
+    report = [f"Latency on target {first['target']} ({first['device']}, {first['threads']} threads): "
+              f"{settings.prompt_tokens} prompt + {settings.new_tokens} new tokens, greedy; median of {settings.runs} "
+              f"runs after {settings.warmup} warm-up (min–max).", "", *latency_table(rows)]
+    return PassResult(metrics={"latency": rows, "target": target.to_dict()}, report=report, latency=rows)

@@ -8,6 +8,10 @@ register_pass(
     config=QuantizeConfig,
     entry="compress.passes.quantize.run:quantize",
     summary="group-wise int weights (RTN / clip search / GPTQ init, Block-AP, KD recovery: STE or PV)",
-    needs_data=True,
-    needs_teacher=True,
+    # algorithm 1: first release; 2: Block-AP rolls a layer back when its calibration error does not drop
+    # (aa15d6f); 3: the parent's tokenizer files copied verbatim, sparsity masks in masks.safetensors
+    algorithm=3,
+    accepts=("hf",),
+    produces="quantized",
+    uses=("data", "teacher"),
 )

@@ -5,13 +5,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from ...config import Config, help_field
+from ...training.section import TrainSection
 
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig(Config):
     """Weight-only group-wise quantization of every decoder Linear, then recovery distillation."""
 
-    VERSION: ClassVar[int] = 2  # 2: the parent's tokenizer files are copied verbatim (were re-saved)
+    VERSION: ClassVar[int] = 2  # config schema (2: the recovery training fields moved into `train`, threads to the target)
     SECTION: ClassVar[str] = "quantize"
 
     bits: int = help_field(4, "bits per decoder weight: 8, 4, 3 or 2 (3-bit codes export in 4-bit containers)")
@@ -40,24 +41,17 @@ class QuantizeConfig(Config):
     recovery: Literal["ste", "pv", "scales", "none"] = help_field(
         "scales", "end-to-end recovery: scales (codes frozen; scales, zero points, norms trained: EfficientQAT E2E-QP), "
         "ste (+ straight-through weights), pv (PV-Tuning: + capped discrete code updates), none")
-    steps: int = help_field(100, "recovery optimizer steps")
-    lr: float = help_field(2e-4, "recovery learning rate of scales, zero points and norms")
+    train: TrainSection = help_field(
+        TrainSection(steps=100, lr=2e-4, warmup_steps=5, batch_size=2, bf16="off"),
+        "recovery training: steps, lr (scales, zero points, norms), schedule, batch, clipping, checkpoints, seed")
     weight_lr: float = help_field(1e-5, "recovery learning rate of the straight-through weights (ste / pv)")
     train_norms: bool = help_field(True, "also train RMSNorm weights during recovery")
     pv_max_change: float = help_field(0.01, "pv: largest fraction of codes re-rounded per step")
-    warmup_steps: int = help_field(5, "linear warm-up steps")
-    min_lr_ratio: float = help_field(0.1, "cosine decay ends at lr * min_lr_ratio")
-    batch_size: int = help_field(2, "sequences per micro-batch (per process)")
-    grad_accum: int = help_field(1, "micro-batches per optimizer step")
-    max_grad_norm: float = help_field(1.0, "gradient clipping norm (0 = off)")
     kl: float = help_field(1.0, "weight of forward KL(teacher || student) on logits")
     squarehead: float = help_field(0.0, "weight of SquareHead (per-block normalized MSE)")
     ce: float = help_field(0.0, "weight of next-token cross entropy")
     temperature: float = help_field(1.0, "softmax temperature of the KL term")
     heldout_blocks: int = help_field(4, "sequences held out of recovery to compare KL before/after (keep the better)")
-    checkpoint_every: int = help_field(25, "save a resumable checkpoint every N steps (0 = never)")
-    seed: int = help_field(0, "data-order seed")
-    threads: int = help_field(0, "torch threads (0 = all cores)")
 
     def validate(self) -> None:
         if self.bits not in (2, 3, 4, 8):
@@ -79,22 +73,19 @@ class QuantizeConfig(Config):
             self._fail("gptq_damp", "must be in [0, 1)")
         if self.clip_grid < 1 or not 0 <= self.clip_max_shrink < 1:
             self._fail("clip_grid" if self.clip_grid < 1 else "clip_max_shrink", "clip_grid >= 1, clip_max_shrink in [0, 1)")
-        for key in ("block_ap_steps", "steps", "warmup_steps", "checkpoint_every", "threads", "heldout_blocks"):
+        for key in ("block_ap_steps", "heldout_blocks"):
             if getattr(self, key) < 0:
                 self._fail(key, "must be >= 0")
-        for key in ("block_ap_lr", "lr"):
-            if not 0 < getattr(self, key) < 1:
-                self._fail(key, "must be in (0, 1)")
-        for key in ("block_ap_weight_lr", "weight_lr", "kl", "squarehead", "ce", "max_grad_norm"):
+        if not 0 < self.block_ap_lr < 1:
+            self._fail("block_ap_lr", "must be in (0, 1)")
+        for key in ("block_ap_weight_lr", "weight_lr", "kl", "squarehead", "ce"):
             if getattr(self, key) < 0:
                 self._fail(key, "must be >= 0")
-        if self.block_ap_batch < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            self._fail("batch_size", "batch sizes and grad_accum must be at least 1")
+        if self.block_ap_batch < 1:
+            self._fail("block_ap_batch", "must be at least 1")
         if not 0 < self.pv_max_change <= 1:
             self._fail("pv_max_change", "must be in (0, 1]")
-        if not 0 <= self.min_lr_ratio <= 1:
-            self._fail("min_lr_ratio", "must be in [0, 1]")
-        if self.recovery != "none" and self.steps > 0 and self.kl + self.squarehead + self.ce <= 0:
+        if self.recovery != "none" and self.train.steps > 0 and self.kl + self.squarehead + self.ce <= 0:
             self._fail("kl", "at least one of kl, squarehead, ce must be > 0")
         if self.temperature <= 0:
             self._fail("temperature", "must be > 0")

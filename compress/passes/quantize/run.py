@@ -11,8 +11,9 @@
    (forward KL, optionally SquareHead and CE), in one of three modes: ``ste``, ``pv``, ``scales``.
    The recovered model is kept only if its KL on held-out sequences beats the initialization.
 
-Sparsity masks (``manifest["sparsity"]``) hold throughout: a pruned weight is quantized to the
-zero point (exactly 0) and stays there.
+Sparsity masks of the parent (:mod:`compress.masks`) hold throughout: a pruned weight is
+quantized to the zero point (exactly 0) and stays there. Layer-wise calibration is the shared
+:mod:`compress.calibration`; the math (GPTQ, clip search, output error) lives in :mod:`compress.ops.quant`.
 """
 
 from __future__ import annotations
@@ -24,134 +25,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...arch import arch_of
 from ...artifact import Artifact
-from ...context import PassContext
+from ...calibration import LayerwiseCalibration, run_layer
+from ...context import PassContext, PassResult
 from ...errors import UserError
 from ...models import load_model
-from ...tokenizer import copy_tokenizer_files
 from ...ops import losses
 from ...ops import quant as Q
-from ...quantized import (
-    LinearQuant, QuantLinear, is_quantized, quant_modules, replace_module, save_quantized, tie_quantized_head,
-)
-from ...training.loop import Hooks, LossWeights, TrainSettings, train
+from ...quantized import LinearQuant, QuantLinear, quant_modules, replace_module, save_quantized, tie_quantized_head
+from ...tokenizer import copy_tokenizer_files
+from ...training.loop import Hooks, LossWeights
 from .config import QuantizeConfig
-
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-# ---------------------------------------------------------------- masks
-
-def sparsity_masks(model, manifest: dict) -> dict[str, torch.Tensor]:
-    """Masks of pruned weights recorded by earlier passes: ``manifest["sparsity"]["modules"]``
-    lists the Linears whose zeros are structural (True = kept weight)."""
-    sp = manifest.get("sparsity") or {}
-    names = sp.get("modules") or []
-    masks = {}
-    for name in names:
-        try:
-            w = model.get_submodule(name).weight
-        except AttributeError:
-            raise UserError(f"sparsity mask names {name!r}, which the model does not have") from None
-        masks[name] = w.detach() != 0
-    return masks
-
-
-# ---------------------------------------------------------------- calibration
-
-def _layer_inputs(model, blocks: torch.Tensor, batch: int) -> list[tuple[torch.Tensor, dict]]:
-    """The hidden states and keyword arguments the first decoder layer receives, per batch."""
-    layer0 = model.model.layers[0]
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    class _Stop(Exception):
-        pass
-
-    def hook(mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k in ("attention_mask", "position_ids", "position_embeddings",
-                                                       "cache_position")}
-        captured.append((hidden.detach(), kw))
-        raise _Stop
-
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for i in range(0, blocks.shape[0], batch):
-                try:
-                    model(input_ids=blocks[i:i + batch], use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        outs = []
-        for h, kw in inputs:
-            y = layer(h, **kw)
-            outs.append((y[0] if isinstance(y, tuple) else y).detach())
-    return outs
-
-
-def _input_stats(layer, inputs, names: list[str]) -> dict[str, dict]:
-    """Per Linear: the Hessian proxy H = 2 XᵀX / n over calibration tokens."""
-    stats = {n: {"h": None, "n": 0} for n in names}
-    handles = []
-    for n in names:
-        mod = layer.get_submodule(n)
-
-        def hook(m, args, out, n=n):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            st = stats[n]
-            h = x.T @ x
-            st["h"] = h if st["h"] is None else st["h"] + h
-            st["n"] += x.shape[0]
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        _run_layer(layer, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    for st in stats.values():
-        st["h"] = st["h"] * (2.0 / max(st["n"], 1))
-    return stats
-
-
-# ---------------------------------------------------------------- initialization
-
-def clip_search(w: torch.Tensor, h: torch.Tensor, q: LinearQuant, grid: int, max_shrink: float,
-                mask: torch.Tensor | None = None):
-    """Per (row, group): the range shrink (max side, min side) minimizing the group's output
-    error δᵀ H_gg δ (δ = W − Ŵ over the group), over a ``grid`` × ``grid`` set of shrinks."""
-    n, k = w.shape
-    g = q.group
-    kb = Q.num_groups(k, g)
-    pad = kb * g - k
-    hp = F.pad(h, (0, pad, 0, pad))
-    hb = torch.stack([hp[j * g:(j + 1) * g, j * g:(j + 1) * g] for j in range(kb)])  # (kb, g, g)
-    wg = F.pad(w, (0, pad)).reshape(n, kb, g)
-    best_err = torch.full((n, kb), float("inf"))
-    best_s = torch.zeros(n, kb)
-    best_z = torch.zeros(n, kb)
-    ratios = [1 - max_shrink * i / max(grid - 1, 1) for i in range(grid)] if grid > 1 else [1.0]
-    pairs = [(a, a) for a in ratios] if q.sym else [(a, b) for a in ratios for b in ratios]
-    for a, b in pairs:
-        s, z = Q.minmax_params(w, q.bits, g, q.sym, shrink_max=a, shrink_min=b)
-        codes = Q.quantize(w, s, z, q.bits, g)
-        deq = Q.dequantize(codes, s, z, g)
-        d = wg - F.pad(deq, (0, pad)).reshape(n, kb, g)
-        if mask is not None:
-            d = d * F.pad(mask.float(), (0, pad)).reshape(n, kb, g)
-        err = torch.einsum("nkg,kgh,nkh->nk", d, hb, d)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-    return Q.quantize(w, best_s, best_z, q.bits, g), best_s, best_z
 
 
 def init_linear(lin, q: LinearQuant, cfg: QuantizeConfig, h: torch.Tensor | None, mask: torch.Tensor | None):
@@ -161,18 +46,11 @@ def init_linear(lin, q: LinearQuant, cfg: QuantizeConfig, h: torch.Tensor | None
                    if cfg.gptq_mse_clip else None)
         codes, s, z = Q.gptq(w, h, q.bits, q.group, q.sym, damp=cfg.gptq_damp, mask=mask, shrinks=shrinks)
     elif cfg.init == "clip":
-        codes, s, z = clip_search(w, h, q, cfg.clip_grid, cfg.clip_max_shrink, mask)
+        codes, s, z = Q.clip_search(w, h, q.bits, q.group, q.sym, cfg.clip_grid, cfg.clip_max_shrink, mask)
     else:
         s, z = Q.minmax_params(w, q.bits, q.group, q.sym)
         codes = Q.quantize(w, s, z, q.bits, q.group)
     return QuantLinear.from_linear(lin, q, codes, s, z, mask)
-
-
-def output_error(lin_fp, lin_q, h: torch.Tensor) -> float:
-    """Relative layer-output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the calibration inputs."""
-    w = lin_fp.weight.detach().float()
-    d = w - lin_q.weight
-    return float(torch.einsum("nk,kj,nj->", d, h, d) / torch.einsum("nk,kj,nj->", w, h, w).clamp_min(1e-20))
 
 
 # ---------------------------------------------------------------- Block-AP
@@ -246,7 +124,7 @@ def block_ap(layer, x_q, y_fp, cfg: QuantizeConfig, seed: int) -> dict:
 def _layer_mse(layer, x_q, y_fp) -> float:
     """Mean squared error of the layer's outputs on every calibration sequence against the targets."""
     tot, n = 0.0, 0
-    for y, t in zip(_run_layer(layer, x_q), y_fp):
+    for y, t in zip(run_layer(layer, x_q), y_fp):
         tot += float(F.mse_loss(y, t, reduction="sum"))
         n += t.numel()
     return tot / max(n, 1)
@@ -255,38 +133,26 @@ def _layer_mse(layer, x_q, y_fp) -> float:
 # ---------------------------------------------------------------- the pass
 
 def _plan_bits(model, cfg: QuantizeConfig) -> dict[str, LinearQuant]:
-    plan = {}
-    for i, _ in enumerate(model.model.layers):
-        for rel in LINEARS:
-            name = f"model.layers.{i}.{rel}"
-            plan[name] = LinearQuant(cfg.bits_for(name, len(model.model.layers)), cfg.group_size, cfg.sym)
+    arch = arch_of(model)
+    n = len(arch.decoder_layers(model))
+    plan = {name: LinearQuant(cfg.bits_for(name, n), cfg.group_size, cfg.sym) for name in arch.linear_names(model)}
     # packed exports (q|k|v, gate|up) need one format per pack
-    for i, _ in enumerate(model.model.layers):
-        for pack in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-            sub = "self_attn" if pack[0] == "q_proj" else "mlp"
-            fmts = {plan[f"model.layers.{i}.{sub}.{p}"] for p in pack}
+    for i in range(n):
+        for pack in arch.pack_groups:
+            fmts = {plan[f"{arch.layer_prefix(i)}{p}"] for p in pack}
             if len(fmts) > 1:
-                raise UserError(f"bits_overrides give layer {i} {sub} projections {', '.join(pack)} different bit "
+                raise UserError(f"bits_overrides give layer {i} projections {', '.join(pack)} different bit "
                                 "widths: they are packed into one MatMulNBits and must match")
     return plan
 
 
-def _check_model(model, parent: Artifact) -> None:
-    if is_quantized(parent.path):
-        raise UserError(f"{parent.path} is already quantized: quantize the full-precision model")
-    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise UserError("quantize supports LLaMA-family decoders (model.model.layers)")
-
-
-def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassResult:
     t_start = time.perf_counter()
     student = load_model(parent.path)
-    _check_model(student, parent)
+    arch = arch_of(student)
     for p in student.parameters():
         p.requires_grad_(False)
-    masks = sparsity_masks(student, parent.manifest)
+    masks = ctx.parent_masks()
     plan = _plan_bits(student, cfg)
     blocks = ctx.training_blocks()
     n_held = min(cfg.heldout_blocks, max(blocks.shape[0] - 1, 0))
@@ -304,36 +170,31 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> dict[st
     summary: dict[str, Any] = {"init": cfg.init, "layers": []}
     need_stats = cfg.init in ("gptq", "clip")
     any_ap = any(cfg.use_block_ap(q.bits) for q in plan.values()) and cfg.block_ap_steps > 0
-    x_q = _layer_inputs(student, calib, 4) if (need_stats or any_ap) else None
-    x_fp = [(h.clone(), kw) for h, kw in x_q] if (x_q is not None and any_ap) else None
-    layers = student.model.layers
+    layers = arch.decoder_layers(student)
+    steps = (LayerwiseCalibration(student, calib, batch=4, reference=any_ap, arch=arch) if (need_stats or any_ap)
+             else None)
     bar = ctx.progress(total=len(layers), desc="quantize layers", unit="layer") if ctx.progress else None
     t0 = time.perf_counter()
     try:
-        for i, layer in enumerate(layers):
-            names = [rel for rel in LINEARS]
-            y_fp = _run_layer(layer, x_fp) if x_fp is not None else None
-            stats = _input_stats(layer, x_q, names) if need_stats or any_ap else {}
+        for i, step in enumerate(steps if steps is not None else (None for _ in layers)):
+            layer = layers[i]
+            stats = step.stats(list(arch.linears)) if step is not None else {}
             errs = {}
             layer_bits = set()
-            for rel in names:
-                full = f"model.layers.{i}.{rel}"
+            for rel in arch.linears:
+                full = f"{arch.layer_prefix(i)}{rel}"
                 lin = layer.get_submodule(rel)
                 q = plan[full]
                 layer_bits.add(q.bits)
-                h = stats.get(rel, {}).get("h")
+                h = stats[rel].h if rel in stats else None
                 qm = init_linear(lin, q, cfg, h, masks.get(full))
                 if h is not None:
-                    errs[rel] = output_error(lin, qm, h)
+                    errs[rel] = Q.output_error(lin.weight.detach().float(), qm.weight, h)
                 replace_module(layer, rel, qm)
             rec = {"layer": i, "init_rel_error": errs}
             if any_ap and cfg.use_block_ap(min(layer_bits)):
                 with torch.enable_grad():
-                    rec["block_ap"] = block_ap(layer, x_q, y_fp, cfg, cfg.seed * 1000 + i)
-            if x_q is not None and i + 1 < len(layers):
-                x_q = [(y, kw) for y, (_, kw) in zip(_run_layer(layer, x_q), x_q)]
-            if x_fp is not None:
-                x_fp = [(y, kw) for y, (_, kw) in zip(y_fp, x_fp)]
+                    rec["block_ap"] = block_ap(layer, step.inputs, step.reference, cfg, cfg.train.seed * 1000 + i)
             summary["layers"].append(rec)
             if bar:
                 bar.update(1)
@@ -341,7 +202,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> dict[st
         if bar:
             bar.close()
     summary["layerwise_seconds"] = time.perf_counter() - t0
-    del x_q, x_fp
+    del steps
 
     # embeddings / tied head
     _quantize_embeddings(student, cfg)
@@ -350,7 +211,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> dict[st
 
     # 4: recovery
     recovery: dict[str, Any] = {"mode": cfg.recovery, "kl_heldout_init": kl_init}
-    if cfg.recovery != "none" and cfg.steps > 0:
+    if cfg.recovery != "none" and cfg.train.steps > 0:
         snapshot = _snapshot(student)
         recovery["train"] = _recover(student, teacher, train_blocks, cfg, ctx)
         kl_rec = _heldout_kl(student, teacher, held)
@@ -370,8 +231,20 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> dict[st
     save_quantized(student, ctx.out_dir, info)
     copy_tokenizer_files(parent.path, ctx.out_dir)  # verbatim: never re-serialized
     stats = bits_per_weight(student)
-    return {"quantize": {**summary, "recovery": recovery, "kl_heldout_fp": kl_fp, **stats,
-                         "seconds": time.perf_counter() - t_start}}
+    kept = recovery["kept"]
+    report = [f"Quantized {len(plan)} Linears to {'/'.join(map(str, bits_set))}-bit g{cfg.group_size} "
+              f"({'sym' if cfg.sym else 'asym'}, init {cfg.init}, embeddings {cfg.embeddings}); "
+              f"{stats['bits_per_quantized_weight']:.2f} stored bits per quantized weight; held-out KL "
+              f"{kl_fp:.4f} (full precision) -> {kl_init:.4f} (initialization)"
+              + (f" -> {recovery['kl_heldout_recovered']:.4f} ({cfg.recovery} recovery, kept: {kept})"
+                 if "kl_heldout_recovered" in recovery else "") + "."]
+    return PassResult(
+        metrics={"quantize": {**summary, "recovery": recovery, "kl_heldout_fp": kl_fp, **stats,
+                              "seconds": time.perf_counter() - t_start}},
+        report=report,
+        quantization={**info, "bits_overrides": dict(cfg.bits_overrides),
+                      "bits_per_quantized_weight": stats["bits_per_quantized_weight"]},
+    )
 
 
 def _quantize_embeddings(model, cfg: QuantizeConfig) -> None:
@@ -442,12 +315,13 @@ def _recover(student, teacher, blocks, cfg: QuantizeConfig, ctx: PassContext) ->
         p.requires_grad_(True)
 
     def groups(model):
-        out = [{"params": [m.scale for m in body.values()], "lr": cfg.lr}]
+        lr = cfg.train.lr
+        out = [{"params": [m.scale for m in body.values()], "lr": lr}]
         zeros = [m.zero for m in body.values() if m.zero.requires_grad]
         if zeros:
-            out.append({"params": zeros, "lr": cfg.lr})
+            out.append({"params": zeros, "lr": lr})
         if norms:
-            out.append({"params": norms, "lr": cfg.lr})
+            out.append({"params": norms, "lr": lr})
         if mode in ("ste", "pv"):
             out.append({"params": [m.latent for m in body.values()], "lr": cfg.weight_lr,
                         **({"betas": (0.0, 0.95)} if mode == "pv" else {})})
@@ -470,16 +344,11 @@ def _recover(student, teacher, blocks, cfg: QuantizeConfig, ctx: PassContext) ->
             for n, codes in st.items():
                 body[n].codes.copy_(codes)
 
-    settings = TrainSettings(
-        steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
-        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, bf16=False, threads=cfg.threads,
-        loss=LossWeights(ce=cfg.ce, kl=cfg.kl, squarehead=cfg.squarehead, temperature=cfg.temperature),
-    )
-    ctx.log(f"recovery ({cfg.recovery}): {cfg.steps} steps of {cfg.batch_size * cfg.grad_accum} sequences")
-    summary = train(student, teacher, blocks, settings, work_dir=ctx.work_dir, fingerprint=ctx.artifact_id,
-                    hooks=Hooks(param_groups=groups, after_step=after_step, state=state, load_state=load_state),
-                    progress=ctx.progress, log=ctx.log)
+    settings, _ = cfg.train.settings(LossWeights(ce=cfg.ce, kl=cfg.kl, squarehead=cfg.squarehead,
+                                                 temperature=cfg.temperature))
+    ctx.log(f"recovery ({cfg.recovery}): {settings.steps} steps of {settings.batch_size * settings.grad_accum} sequences")
+    summary = ctx.train(student, teacher, blocks, settings,
+                        hooks=Hooks(param_groups=groups, after_step=after_step, state=state, load_state=load_state))
     for m in body.values():
         m.freeze()
         m.scale.requires_grad_(False)

@@ -1,10 +1,16 @@
-"""Profiling targets: YAML files under ``profiles/targets`` (or any path), torch-free.
+"""Targets: where a pipeline runs and its model deploys — YAML files under ``profiles/targets``
+(or any path), torch-free.
 
-``--target cpu`` reads ``cpu.yaml``; ``cpu:4`` is the same with 4 threads.
+``--target cpu`` reads ``cpu.yaml``; ``cpu:4`` is the same with 4 threads. A profile names its
+target (``target: cpu``, or a mapping of these fields over a named base); ``--set
+target.threads=2`` overrides a field. The runner hands the typed target to every pass and sets
+torch's thread count from it for the duration of each pass only (:meth:`TargetConfig.torch_threads`),
+so no pass leaks a process-wide setting into the next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +18,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from ..config import Config, help_field
-from ..errors import UserError, one_line
-from ..profiles import profiles_dir
+from .config import Config, help_field
+from .errors import UserError, one_line
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,11 +55,35 @@ class TargetConfig(Config):
         except ImportError:
             return os.cpu_count() or 1
 
+    def preflight(self) -> None:
+        """Fail before any work where this machine cannot be the target."""
+        if self.device == "cuda":
+            from exporters.onnx.runtime import check_provider
+
+            check_provider("cuda")
+
+    @contextlib.contextmanager
+    def torch_threads(self):
+        """torch's intra-op threads = ``threads`` (0: torch's default) inside, the old value after."""
+        if not self.threads:
+            yield
+            return
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
     def label(self) -> str:
         return f"{self.device}:{self.resolved_threads()}" if self.device == "cpu" else self.device
 
 
 def targets_dir() -> Path:
+    from .profiles import profiles_dir
+
     return profiles_dir() / "targets"
 
 
@@ -87,3 +116,21 @@ def load_target(spec: str) -> TargetConfig:
     if threads is not None:
         raw["threads"] = threads
     return TargetConfig.from_dict(raw, f"target {path.stem}")
+
+
+def target_from_profile(raw: Any, overrides: dict[str, Any] | None = None, where: str = "profile") -> TargetConfig:
+    """A profile's ``target``: a name (``cpu``, ``cuda:1``, a .yaml path) or a mapping of fields over
+    the target named by its ``name`` (default: its ``device``, else ``cpu``); ``overrides`` last."""
+    overrides = dict(overrides or {})
+    if raw is None or raw == {}:
+        raw = "cpu"
+    if isinstance(raw, str):
+        base, fields = load_target(raw), {}
+    elif isinstance(raw, dict):
+        fields = dict(raw)
+        base = load_target(str(fields.pop("name", fields.get("device", "cpu"))))
+    else:
+        raise UserError(f"{where}: 'target' must be a target name or a mapping, got {raw!r}")
+    if not fields and not overrides:
+        return base
+    return TargetConfig.from_dict({**base.to_dict(), **fields, **overrides}, "target")

@@ -1,0 +1,162 @@
+"""On-disk model formats: one registry, the only place a folder's format is decided.
+
+A format has a name, a torch-free ``detect(path)`` (marker files only), a ``load`` (the
+dotted path of a function returning a PyTorch or ONNX Runtime model, imported when called),
+``count`` (parameters, read from file headers) and ``weight_bytes``. Passes declare which
+formats they accept and produce (:mod:`compress.registry`), so the plan is checked before
+any work. Detection runs in ``priority`` order: the most specific marker first.
+
+Built in: ``hf`` (a Hugging Face folder: ``config.json`` + safetensors), ``quantized``
+(``quantization.json`` beside it: packed group-wise codes, :mod:`compress.quantized`) and
+``onnx`` (``genai_config.json``: an export that onnxruntime-genai, optimum and plain ONNX
+Runtime load). A subnet supernet registers itself the same way (``register_format``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+ONNX_CONFIG = "genai_config.json"  # marks an ONNX export folder (its onnxruntime-genai config)
+QUANT_CONFIG = "quantization.json"  # marks a quantized artifact
+MASKS_FILE = "masks.safetensors"  # sparsity masks (compress.masks); never counted as weights
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    description: str
+    detect: Callable[[Path], bool]
+    loader: str  # "module:function", called as function(path) -> model
+    count: Callable[[Path], int | None]  # parameters; None where the files do not say
+    weight_bytes: Callable[[Path], int]
+    priority: int = 0  # higher: tried first
+    evaluated_with: str = "pytorch"  # what runs it for evaluation: "pytorch" | "onnxruntime"
+
+    def load(self, path: Path, **kwargs: Any):
+        module, _, func = self.loader.partition(":")
+        return getattr(importlib.import_module(module), func)(Path(path), **kwargs)
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    if fmt.name in _FORMATS:
+        raise ValueError(f"format {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def formats() -> list[Format]:
+    return sorted(_FORMATS.values(), key=lambda f: -f.priority)
+
+
+def get_format(name: str) -> Format:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise UserError(f"unknown model format {name!r}; known: {', '.join(sorted(_FORMATS))}") from None
+
+
+def detect_format(path: Path) -> str | None:
+    """The format of a folder, or None when it is no model folder at all."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for fmt in formats():
+        if fmt.detect(path):
+            return fmt.name
+    return None
+
+
+def format_of(path: Path) -> Format:
+    name = detect_format(path)
+    if name is None:
+        raise UserError(f"{path} is not a model folder (none of: {', '.join(f.name for f in formats())})")
+    return _FORMATS[name]
+
+
+def load(path: Path, **kwargs: Any):
+    """The model in a folder, loaded the way its format says (PyTorch, or ONNX Runtime for exports)."""
+    return format_of(path).load(path, **kwargs)
+
+
+def count_parameters(path: Path) -> int | None:
+    return format_of(path).count(Path(path))
+
+
+def weight_bytes(path: Path) -> int:
+    fmt = detect_format(path)
+    return _FORMATS[fmt].weight_bytes(Path(path)) if fmt else 0
+
+
+# ------------------------------------------------------------------------------ built-ins
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return [p for p in sorted(Path(path).glob("*.safetensors")) if p.name != MASKS_FILE]
+
+
+def _safetensors_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in _weight_files(path))
+
+
+def _count_safetensors(path: Path, skip_layers: dict | None = None) -> int:
+    """Parameters in the folder's safetensors headers; a quantized Linear counts its in × out
+    weights (not its packed bytes, scales or zeros)."""
+    layers = skip_layers or {}
+    total = sum(int(v["in_features"]) * int(v["out_features"]) for v in layers.values())
+    for p in _weight_files(path):
+        for name, meta in safetensors_header(p).items():
+            if name == "__metadata__" or (name.rsplit(".", 1)[0] in layers and not name.endswith(".bias")):
+                continue
+            numel = 1
+            for d in meta["shape"]:
+                numel *= d
+            total += numel
+    return total
+
+
+def _count_quantized(path: Path) -> int:
+    return _count_safetensors(path, json.loads((Path(path) / QUANT_CONFIG).read_text()).get("layers", {}))
+
+
+def _count_onnx(path: Path) -> int | None:
+    """An export holds the parameters of the model it was made from: its manifest records them."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("parameters")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _onnx_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).glob("model.onnx*"))
+
+
+HF = register_format(Format(
+    "hf", "Hugging Face folder (config.json + safetensors)",
+    detect=lambda p: (p / "config.json").is_file(), loader="compress.models:load_hf_model",
+    count=_count_safetensors, weight_bytes=_safetensors_bytes, priority=0))
+QUANTIZED = register_format(Format(
+    "quantized", "group-wise quantized artifact (quantization.json + packed codes)",
+    detect=lambda p: (p / QUANT_CONFIG).is_file() and (p / "config.json").is_file(),
+    loader="compress.quantized:load_quantized", count=_count_quantized, weight_bytes=_safetensors_bytes,
+    priority=10))
+ONNX = register_format(Format(
+    "onnx", "ONNX export (model.onnx + genai_config.json + tokenizer)",
+    detect=lambda p: (p / ONNX_CONFIG).is_file(), loader="exporters.onnx.runtime:OnnxCausalLM",
+    count=_count_onnx, weight_bytes=_onnx_bytes, priority=20, evaluated_with="onnxruntime"))

@@ -1,0 +1,87 @@
+"""Cache ids follow the algorithm: a golden output per pass, recorded at its current version.
+
+Each pass runs with its default config on the tiny model; the output's fingerprint (logits on
+fixed tokens, plus the ONNX graph's operator counts for an export) is compared with
+``tests/golden.json``. Outputs that change while the pass's version stays the same fail: a run
+folder would silently reuse the stale stage. Bump the pass's ``algorithm`` in its
+``__init__.py`` (saying why), then record the new golden:
+
+    COMPRESS_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
+
+Recording refuses to overwrite a golden of the same version with a different output.
+Tolerance: logits within 2e-3 of their scale — far below what an algorithm change moves
+(a different GPTQ damping, one more recovery step), above float noise between CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import api
+from compress.registry import get_pass
+from test_contract import BUILTIN
+
+GOLDEN = Path(__file__).parent / "golden.json"
+UPDATE = os.environ.get("COMPRESS_UPDATE_GOLDEN") == "1"
+RTOL = 2e-3
+
+
+def fingerprint(folder: Path) -> dict:
+    from compress.formats import detect_format
+    from compress.runner import load_for_eval
+
+    model = load_for_eval(folder)
+    ids = (torch.arange(32).reshape(2, 16) * 7 + 3) % 300
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    fp = {"format": detect_format(folder), "logits": [round(float(x), 6) for x in logits[:, ::3, ::37].flatten()],
+          "scale": round(float(logits.abs().mean()), 6)}
+    if fp["format"] == "onnx":
+        import onnx
+
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        fp["ops"] = dict(sorted(Counter(n.op_type for n in graph.node).items()))
+    return fp
+
+
+def _close(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys() or a["format"] != b["format"] or a.get("ops") != b.get("ops"):
+        return False
+    tol = RTOL * max(b["scale"], 1e-6)
+    return len(a["logits"]) == len(b["logits"]) and all(abs(x - y) <= tol for x, y in zip(a["logits"], b["logits"]))
+
+
+@pytest.fixture(scope="module")
+def golden():
+    data = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+    yield data
+    if UPDATE:
+        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("name", [s.name for s in BUILTIN])
+def test_output_matches_the_golden_of_this_version(name, golden, tiny_dir, tiny_text, tmp_path):
+    spec = get_pass(name)
+    prof = tmp_path / "golden.yaml"
+    prof.write_text("description: golden\ntarget: {name: cpu, threads: 1}\ndata: {seq_len: 64}\n"
+                    f"evaluation: {{max_tokens: 256, window: 64}}\npasses: [{name}]\n")  # the pass's defaults
+    rep = api.run(api.plan(str(tiny_dir), str(prof), data=str(tiny_text), eval_data=str(tiny_text)),
+                  tmp_path / "run", quiet=True)
+    fp = {"version": spec.version, **fingerprint(tmp_path / "run" / rep["stages"][1]["path"])}
+    old = golden.get(name)
+    if old is None or old["version"] != spec.version:
+        if UPDATE:
+            golden[name] = fp
+            return
+        pytest.fail(f"pass {name} is at version {spec.version}, its golden output at "
+                    f"{old['version'] if old else 'none'}: record it (COMPRESS_UPDATE_GOLDEN=1, see this file)")
+    if not _close(fp, old):
+        pytest.fail(f"the output of pass {name} changed under the same version {spec.version}: bump its algorithm "
+                    f"version in compress/passes/{name}/__init__.py (stale cached stages would be reused), then "
+                    "record the new golden (COMPRESS_UPDATE_GOLDEN=1)")
