@@ -4,6 +4,7 @@ runs quantize -> export -> validation end to end on a tiny random model with no 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from compress.errors import UserError
 from conftest import run_cli
 from tiny import make_tokenizer
 
-PROFILE = "tests/profiles/quantize-tiny.yaml"
+PROFILE = str(Path(__file__).parent / "profiles" / "quantize-tiny.yaml")
 
 
 @pytest.fixture(scope="module")
