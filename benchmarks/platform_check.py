@@ -77,6 +77,7 @@ def decode(work: Path, before: str) -> dict:
         rounds.append({name: r for name, r in zip(order, prof["results"])})
     rows = {n: max((r[n] for r in rounds), key=lambda x: x["decode_tokens_per_second"]["median"])
             for n in ("before", "after")}  # each export's better round
+    rounds_med = [{k: r[k]["decode_tokens_per_second"]["median"] for k in r} for r in rounds]
     anchors = json.loads((ROOT / "benchmarks" / "results" / "anchors.json").read_text())
     ref = next(r for r in anchors["rows"] if r["system"] == "ours fp32")["decode_tokens_per_second"]
     after = rows["after"]["decode_tokens_per_second"]["median"]
@@ -86,11 +87,14 @@ def decode(work: Path, before: str) -> dict:
         "files_identical": da == db,
         "files_differing": sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k)),
         "decode_tokens_per_second": {k: r["decode_tokens_per_second"] for k, r in rows.items()},
-        "rounds_decode_median": [{k: r[k]["decode_tokens_per_second"]["median"] for k in r} for r in rounds],
+        "rounds_decode_median": rounds_med,
         "prefill_tokens_per_second": {k: r["prefill_tokens_per_second"] for k, r in rows.items()},
         "after_over_before_decode": after / rows["before"]["decode_tokens_per_second"]["median"],
         "anchors_ours_fp32_decode": ref,
-        "within_anchors_spread": ref["min"] <= after <= ref["max"],
+        # where the new median falls against the anchors run's min-max: below (slower), within, above (faster)
+        "vs_anchors_spread": "below" if after < ref["min"] else ("above" if after > ref["max"] else "within"),
+        "after_within_before_rounds": min(r["before"] for r in rounds_med) <= after
+                                      <= max(r["before"] for r in rounds_med) * 1.0001,
     }
 
 
