@@ -43,23 +43,32 @@ def _parent(ref: SourceRef, res: Resources) -> Artifact:
 
 
 def evaluate(
-    model: str | None = None, data: str | None = None, *, max_tokens: int = 16384, window: int = 512,
-    batch_size: int = 1, teacher: str | None = None, quiet: bool = False,
+    model: str | None = None, data: str | list[str] | tuple[str, ...] | None = None, *, max_tokens: int = 16384,
+    window: int = 512, batch_size: int = 1, teacher: str | None = None, domains: tuple[str, ...] | None = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
-    """Perplexity (and, with a teacher, KL and top-1 agreement) of one model.
+    """Perplexity (and, with a teacher, KL, top-1 agreement and the ratio to the teacher's perplexity)
+    of one model on one or more held-out domains.
 
-    ``teacher``: a model reference, or None to use the teacher recorded in an
-    artifact's manifest (if any). Without ``data`` the evaluation text is the
-    held-out set the teacher (or the model itself) writes.
+    ``data``: one path or several (each a domain); ``domains``: built-in domains to add (default:
+    all of them when no ``data`` is given, none otherwise). ``teacher``: a model reference, or None
+    to use the teacher recorded in an artifact's manifest (if any); the ``answers`` domain is the
+    held-out set the teacher (or the model itself) writes. The first domain's figures are at the
+    top level, every domain's under ``domains``, ratios under ``summary``.
     """
-    ecfg = EvalConfig(max_tokens=max_tokens, window=window, batch_size=batch_size)
-    ui = UI(quiet)
-    ref = resolve_source_ref(model)
-    spec = user_data_spec(data, "eval") if data else None
-    teacher_ref = resolve_source_ref(teacher) if teacher else None
-    from .evaluation import evaluate_stream
+    from .domains import resolve_domains
+    from .evaluation import evaluate_stream, summarize_domains
     from .models import teacher_folder
 
+    paths = [data] if isinstance(data, str) else list(data or [])
+    if domains is None:
+        domains = () if paths else EvalConfig().domains
+    ecfg = EvalConfig(max_tokens=max_tokens, window=window, batch_size=batch_size, domains=tuple(domains))
+    ui = UI(quiet)
+    ref = resolve_source_ref(model)
+    for p in paths:
+        user_data_spec(p, "eval")  # a missing or bad path fails before any model loads
+    teacher_ref = resolve_source_ref(teacher) if teacher else None
     res = Resources(ref, DataConfig(), ui)
     student = load_for_eval(res.folder())
     t_res = None
@@ -70,17 +79,22 @@ def evaluate(
         if tf is not None:
             t_res = Resources(resolve_source_ref(tf), DataConfig(), ui)
     gen = t_res or res  # who writes self-generated evaluation text
-    if spec is None and detect_format(gen.folder()) == "onnx":
+    if "answers" in ecfg.domains and detect_format(gen.folder()) == "onnx":
         raise UserError(f"{ref.label} is an ONNX export without a recorded teacher: give --data (or --teacher)")
-    spec = spec or self_data_spec(source_id(gen.source), DataConfig(), "eval")
-    stream = gen.stream(spec, max_tokens)
-    result = evaluate_stream(student, stream, window=window, max_tokens=max_tokens, batch_size=batch_size,
-                             teacher=t_res.teacher() if t_res else None, progress=ui.progress)
+    specs = resolve_domains(ecfg.domains, paths, self_data_spec(source_id(gen.source), DataConfig(), "eval"))
+    per = {}
+    for name, spec in specs:
+        per[name] = evaluate_stream(student, gen.stream(spec, max_tokens), window=window, max_tokens=max_tokens,
+                                    batch_size=batch_size, teacher=t_res.teacher() if t_res else None,
+                                    progress=ui.progress)
+        per[name]["data"] = spec.label
+    first = specs[0][0]
     return {
         "model": ref.label,
         "teacher": t_res.source.label if t_res else None,
-        "data": spec.label,
-        **result,
+        **per[first],
+        "domains": per,
+        "summary": summarize_domains(per),
         "config": ecfg.to_dict(),
     }
 

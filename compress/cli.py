@@ -41,7 +41,7 @@ def model_cmd(
     out: str = typer.Option("compress-out", "--out", "-o", help="output folder (reruns reuse finished stages)"),
     set_: List[str] = typer.Option([], "--set", help="override SECTION.KEY=VALUE (repeatable)"),
     data: Optional[str] = typer.Option(None, "--data", help="training/calibration text: .txt, .jsonl or folder"),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="held-out evaluation text: .txt, .jsonl or folder"),
+    eval_data: List[str] = typer.Option([], "--eval-data", help="held-out evaluation text (.txt, .jsonl or folder), repeatable: one domain each, besides evaluation.domains"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved pipeline and stop"),
     as_json: bool = typer.Option(False, "--json", help="print only the JSON result on stdout"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or log lines"),
@@ -49,7 +49,7 @@ def model_cmd(
     """Run a profile's pipeline on a model and write stages plus report.json/report.md."""
     from . import api
 
-    p = api.plan(model, profile, set_, data=data, eval_data=eval_data)
+    p = api.plan(model, profile, set_, data=data, eval_data=list(eval_data))
     if dry_run:
         resolved = p.to_dict()
         if as_json:
@@ -74,7 +74,8 @@ def model_cmd(
 @app.command("eval")
 def eval_cmd(
     model: Optional[str] = typer.Argument(None, help="HF folder, .gguf, artifact or run folder; default: embedded model"),
-    data: Optional[str] = typer.Option(None, "--data", help="evaluation text (.txt, .jsonl or folder); default: held-out text the teacher writes"),
+    data: List[str] = typer.Option([], "--data", help="evaluation text (.txt, .jsonl or folder), repeatable: one domain each; default: the built-in held-out domains"),
+    domains: Optional[str] = typer.Option(None, "--domains", help="built-in domains to add, comma-separated: answers, python-code, python-docs (default: all without --data, none with it)"),
     max_tokens: int = typer.Option(16384, "--max-tokens", help="first N tokens of the data"),
     window: int = typer.Option(512, "--window", help="non-overlapping window length"),
     batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
@@ -85,20 +86,17 @@ def eval_cmd(
     """Perplexity over the first N tokens of the data, plus KL and top-1 agreement to a teacher."""
     from . import api
 
-    result = api.evaluate(model, data, max_tokens=max_tokens, window=window, batch_size=batch_size,
-                          teacher=teacher, quiet=quiet)
+    doms = None if domains is None else tuple(d.strip() for d in domains.split(",") if d.strip())
+    result = api.evaluate(model, list(data), max_tokens=max_tokens, window=window, batch_size=batch_size,
+                          teacher=teacher, domains=doms, quiet=quiet)
     if as_json:
         _emit_json(result)
         return
-    lines = [
-        f"model       {result['model']}",
-        f"data        {result['data']} ({result['tokens']} tokens, {result['windows']} windows of {window})",
-        f"perplexity  {result['perplexity']:.4f}",
-    ]
-    if result.get("teacher"):
-        lines += [f"teacher     {result['teacher']}", f"KL          {result['kl']:.5f}",
-                  f"top-1 agree {result['top1_agreement']:.4f}"]
-    lines.append(f"speed       {result['tokens_per_second']:.0f} tokens/s")
+    from .report import domain_rows
+
+    lines = [f"model    {result['model']}", f"teacher  {result['teacher'] or '— (give --teacher for KL and ratios)'}",
+             f"windows  {window} tokens, first {max_tokens} tokens of each domain", ""]
+    lines += domain_rows(result["domains"], result.get("summary") or {})
     sys.stdout.write("\n".join(lines) + "\n")
 
 

@@ -305,11 +305,22 @@ class EvalConfig(Config):
 
     SECTION: ClassVar[str] = "evaluation"
 
-    max_tokens: int = help_field(16384, "evaluate on the first N tokens of the evaluation data")
+    max_tokens: int = help_field(16384, "evaluate on the first N tokens of each evaluation domain")
     window: int = help_field(512, "non-overlapping window length, tokens")
     batch_size: int = help_field(1, "windows per forward pass")
+    domains: tuple[str, ...] = help_field(
+        ("answers", "python-code", "python-docs"),
+        "built-in held-out domains besides --eval-data: answers (the teacher's answers to held-out prompts), "
+        "python-code, python-docs (the Python standard library's source and docstrings)")
 
     def validate(self) -> None:
+        from .domains import BUILTIN_DOMAINS
+
+        for d in self.domains:
+            if d not in BUILTIN_DOMAINS:
+                self._fail("domains", f"unknown domain {d!r}; built in: {', '.join(BUILTIN_DOMAINS)}")
+        if len(set(self.domains)) != len(self.domains):
+            self._fail("domains", "a domain is listed twice")
         if self.window < 2:
             self._fail("window", "must be at least 2")
         if self.max_tokens < self.window:

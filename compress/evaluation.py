@@ -35,7 +35,7 @@ def evaluate_stream(
     """Evaluate ``model`` on a 1-D token stream; compare with ``teacher`` if given."""
     model.eval()
     wins = windows_of(stream, window, max_tokens)
-    nll_sum = kl_sum = agree_sum = 0.0
+    nll_sum = kl_sum = agree_sum = t_nll_sum = 0.0
     count = 0
     start = time.perf_counter()
     bar = progress(total=len(wins), desc="evaluate", unit="win") if progress else None
@@ -55,6 +55,7 @@ def evaluate_stream(
             count += targets.numel()
             if teacher is not None:
                 t_logp = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float(), dim=-1)
+                t_nll_sum += -t_logp.gather(-1, targets.unsqueeze(-1)).sum().item()
                 kl_sum += (t_logp.exp() * (t_logp - logp)).sum().item()
                 agree_sum += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             if bar:
@@ -77,4 +78,15 @@ def evaluate_stream(
     if teacher is not None:
         result["kl"] = kl_sum / max(count, 1)
         result["top1_agreement"] = agree_sum / max(count, 1)
+        result["teacher_perplexity"] = math.exp(t_nll_sum / max(count, 1))  # the same windows: ratios need no rerun
     return result
+
+
+def summarize_domains(per: dict[str, dict]) -> dict:
+    """Perplexity ratios to the teacher per domain, their geometric mean and the worst."""
+    ratios = {n: r["perplexity"] / r["teacher_perplexity"] for n, r in per.items() if r.get("teacher_perplexity")}
+    if not ratios:
+        return {}
+    worst = max(ratios, key=ratios.get)
+    return {"ratios": ratios, "geomean_ratio": math.exp(sum(math.log(v) for v in ratios.values()) / len(ratios)),
+            "worst_ratio": ratios[worst], "worst_domain": worst, "domains": len(ratios)}

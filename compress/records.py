@@ -31,6 +31,12 @@ def stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool) ->
         "top1_agreement": metrics.get("top1_agreement"),
         "eval_tokens": metrics.get("tokens"),
         "eval_seconds": metrics.get("eval_seconds"),
+        # every held-out domain: perplexity, the teacher's on the same windows, KL, agreement
+        "domains": {n: {k: r.get(k) for k in ("perplexity", "teacher_perplexity", "kl", "top1_agreement", "tokens")}
+                    for n, r in (metrics.get("domains") or {}).items()},
+        "ratio_geomean": (metrics.get("summary") or {}).get("geomean_ratio"),
+        "ratio_worst": (metrics.get("summary") or {}).get("worst_ratio"),
+        "worst_domain": (metrics.get("summary") or {}).get("worst_domain"),
         "pass_seconds": pass_metrics.get("pass_seconds"),
         "cached": cached,
         "changes_model": man.get("changes_model", True),

@@ -18,6 +18,34 @@ def _kl(v: float | None) -> float | None:
     return None if v is None else max(v, 0.0)
 
 
+def _worst(s: dict) -> str:
+    return "—" if s.get("ratio_worst") is None else f"{s['ratio_worst']:.3f} ({s['worst_domain']})"
+
+
+def domain_table(stage: dict) -> list[str]:
+    """Per held-out domain: the teacher and this stage on the same windows, ratio, KL, agreement."""
+    summary = {"geomean_ratio": stage.get("ratio_geomean"), "worst_ratio": stage.get("ratio_worst"),
+               "worst_domain": stage.get("worst_domain")}
+    return domain_rows(stage.get("domains") or {}, summary, f"`{stage['name']}` perplexity")
+
+
+def domain_rows(doms: dict, summary: dict, model: str = "perplexity") -> list[str]:
+    """The domain table shared by the report and ``compress eval``."""
+    if not doms:
+        return []
+    lines = [f"| domain | tokens | teacher perplexity | {model} | × teacher | KL | top-1 agree |",
+             "|---|---|---|---|---|---|---|"]
+    for name, d in doms.items():
+        ratio = d["perplexity"] / d["teacher_perplexity"] if d.get("teacher_perplexity") else None
+        lines.append(f"| {name} | {d.get('tokens') or '—'} | {_fmt(d.get('teacher_perplexity'), '.3f')} | "
+                     f"{_fmt(d.get('perplexity'), '.3f')} | {_fmt(ratio, '.3f')} | {_fmt(_kl(d.get('kl')), '.4f')} | "
+                     f"{_fmt(d.get('top1_agreement'), '.3f')} |")
+    if summary.get("geomean_ratio") is not None:
+        lines.append(f"| **geometric mean** | | | | **{summary['geomean_ratio']:.3f}** | | |")
+        lines.append(f"| **worst** ({summary['worst_domain']}) | | | | **{summary['worst_ratio']:.3f}** | | |")
+    return lines
+
+
 def _mb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e6:.1f}"
 
@@ -27,13 +55,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# compress report — profile `{report['profile']}`",
         "",
         f"- model: {report['model']}",
-        f"- evaluation data: {report['evaluation']['data']} — first {report['evaluation']['max_tokens']} tokens, "
-        f"{report['evaluation']['window']}-token windows",
+        f"- evaluation: first {report['evaluation']['max_tokens']} tokens of each held-out domain, "
+        f"{report['evaluation']['window']}-token windows; perplexity, KL and top-1 columns are on the first: "
+        f"{report['evaluation']['data']}",
+        *[f"  - {n}: {label}" for n, label in (report["evaluation"].get("domain_labels") or {}).items()],
         f"- training data: {report['training_data'] or 'not used'}",
         f"- compress {report['tool_version']}, {report['created']}, total {report['total_seconds']:.1f} s",
         "",
-        "| # | stage | parameters | weights MB | on disk MB | perplexity | × teacher | KL | top-1 agree | pass s | eval s | cached |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | stage | parameters | weights MB | on disk MB | perplexity | × teacher | KL | top-1 agree | "
+        "× teacher, geo-mean of domains | worst domain × | pass s | eval s | cached |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = report["stages"][0].get("perplexity") if report["stages"] else None
     for s in report["stages"]:
@@ -41,7 +72,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {s['index']} | {s['name']} | {s['parameters']:,} | {_mb(s['weight_bytes'])} | {_mb(s.get('disk_bytes'))} | "
             f"{_fmt(s.get('perplexity'), '.3f')} | {_fmt(ratio, '.3f')} | {_fmt(_kl(s.get('kl')), '.4f')} | "
-            f"{_fmt(s.get('top1_agreement'), '.3f')} | {_fmt(s.get('pass_seconds'), '.1f')} | "
+            f"{_fmt(s.get('top1_agreement'), '.3f')} | {_fmt(s.get('ratio_geomean'), '.3f')} | "
+            f"{_worst(s)} | {_fmt(s.get('pass_seconds'), '.1f')} | "
             f"{_fmt(s.get('eval_seconds'), '.1f')} | {'yes' if s.get('cached') else 'no'} |"
         )
     for s in report["stages"]:
@@ -88,10 +120,15 @@ def summary_table(report: dict[str, Any]) -> list[str]:
     def runtime(r: dict | None) -> str:
         return "—" if r is None else f"{r['runtime']}, {r['device']}:{r['threads']}"
 
+    doms = domain_table(c)
     lines = ["", "## Teacher vs compressed", "",
              f"| | teacher (`{t['name']}`) | compressed (`{c['name']}`) | compressed / teacher |", "|---|---|---|---|",
-             f"| perplexity | {_fmt(t.get('perplexity'), '.3f')} | {_fmt(c.get('perplexity'), '.3f')} | "
-             f"{ratio(t.get('perplexity'), c.get('perplexity'))} |",
+             f"| perplexity ({report['evaluation'].get('data', 'evaluation data')}) | {_fmt(t.get('perplexity'), '.3f')} | "
+             f"{_fmt(c.get('perplexity'), '.3f')} | {ratio(t.get('perplexity'), c.get('perplexity'))} |",
+             *([f"| perplexity ×, geometric mean of {len(c['domains'])} held-out domains | | | "
+                f"×{c['ratio_geomean']:.3f} |",
+                f"| perplexity ×, worst domain ({c['worst_domain']}) | | | ×{c['ratio_worst']:.3f} |"]
+               if c.get("ratio_geomean") is not None else []),
              f"| KL to the teacher (nats/token) | 0 | {_fmt(_kl(c.get('kl')), '.4f')} | |",
              f"| top-1 agreement | 1.000 | {_fmt(c.get('top1_agreement'), '.3f')} | |",
              f"| weights on disk, MB | {_mb(t.get('weight_bytes'))} | {_mb(c.get('weight_bytes'))} | "
@@ -108,7 +145,11 @@ def summary_table(report: dict[str, Any]) -> list[str]:
         ]
     ev = report["evaluation"]
     tokens = c.get("eval_tokens") or ev["max_tokens"]
-    lines += ["", f"Perplexity and KL: {tokens} tokens of the evaluation data, never trained on: {ev['data']}. "
+    if doms:
+        lines += ["", "Held-out domains (none used for calibration or training), the compressed model against the "
+                  "teacher on the same windows:", "", *doms]
+    lines += ["", f"Perplexity and KL: up to {ev['max_tokens']} tokens of each domain ({tokens} of the first, "
+              f"{ev['data']}), never trained on. "
               "Latency: median of the timed runs of this run, one process per system; the teacher runs as it was "
               "given (PyTorch eager), the compressed model as deployed."]
     return lines

@@ -73,7 +73,9 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
         _check_out_dir(out)
     pipe = p.pipeline
     src_id = source_id(p.source)
-    eval_spec = p.eval_data or self_data_spec(src_id, pipe.data, "eval")
+    from .domains import resolve_domains
+
+    domains = resolve_domains(pipe.evaluation.domains, p.eval_data, self_data_spec(src_id, pipe.data, "eval"))
     needs_data = any(s.spec.needs_data for s in pipe.stages)
     train_spec = (p.data or self_data_spec(src_id, pipe.data, "train")) if needs_data else None
     data_key = f"{train_spec.fingerprint};seq_len={pipe.data.seq_len}" if train_spec else None
@@ -82,7 +84,7 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
     for i, st in enumerate(pipe.stages, 1):
         ids.append(stage_id(ids[-1], st.spec, st.config, teacher_id=src_id, data_key=data_key, target=pipe.target))
         dirs.append(out / STAGES / f"{i:02d}-{st.spec.name}")
-    eval_key = hash_parts(eval_spec.fingerprint, pipe.evaluation.canonical_json(), src_id)
+    eval_key = hash_parts(*(f"{n}={s.fingerprint}" for n, s in domains), pipe.evaluation.canonical_json(), src_id)
 
     res = Resources(p.source, pipe.data, ui)
     if ranks.is_main and not stage_is(dirs[0], src_id):
@@ -140,14 +142,15 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
                     metrics = {**records[-1]["metrics"], "eval_seconds": None}
                 else:
                     with pipe.target.torch_threads():
-                        metrics = _stage_metrics(d, i, eval_key, eval_spec, pipe.evaluation, res, ui)
+                        metrics = _stage_metrics(d, i, eval_key, domains, pipe.evaluation, res, ui)
                 records.append(stage_record(out, d, i, metrics, cached))
         if not ranks.is_main:
             return None
         _remove_other_stages(out, dirs)
         report = build_report(
             profile=pipe.name, model=p.source.label, source_id=src_id,
-            evaluation={"data": eval_spec.label, **pipe.evaluation.to_dict()},
+            evaluation={"data": domains[0][1].label, **pipe.evaluation.to_dict(),
+                        "domain_labels": {n: s.label for n, s in domains}},
             training_data=train_spec.label if train_spec else None, target=pipe.target.to_dict(),
             processes=ranks.world, records=records, seconds=time.perf_counter() - started)
         write_report(out, report)
@@ -330,7 +333,10 @@ def _verify(spec: PassSpec, tmp: Path, inv: dict[str, Any]) -> None:
                                f"weights are nonzero (first: {next(iter(bad))})")
 
 
-def _stage_metrics(d: Path, index: int, key: str, spec: DataSpec, ecfg: EvalConfig, res: Resources, ui: UI) -> dict:
+def _stage_metrics(d: Path, index: int, key: str, domains: list[tuple[str, DataSpec]], ecfg: EvalConfig,
+                   res: Resources, ui: UI) -> dict:
+    """The stage's evaluation on every domain (cached in its metrics.json under ``key``): the first
+    domain's figures at the top level, all of them under ``domains``, ratios under ``summary``."""
     path = d / METRICS
     try:
         stored = json.loads(path.read_text())
@@ -338,19 +344,24 @@ def _stage_metrics(d: Path, index: int, key: str, spec: DataSpec, ecfg: EvalConf
         stored = {}
     if key in stored:
         return stored[key]
-    from .evaluation import evaluate_stream
+    from .evaluation import evaluate_stream, summarize_domains
 
-    stream = res.stream(spec, ecfg.max_tokens)
-    ui.log(f"[{d.name}] evaluating on {min(stream.numel(), ecfg.max_tokens)} tokens")
-    if index == 0:
-        result = evaluate_stream(res.teacher(), stream, window=ecfg.window, max_tokens=ecfg.max_tokens,
-                                 batch_size=ecfg.batch_size, progress=ui.progress)
-        result.update(kl=0.0, top1_agreement=1.0)
-    else:
-        model = load_for_eval(d)
-        result = evaluate_stream(model, stream, window=ecfg.window, max_tokens=ecfg.max_tokens,
-                                 batch_size=ecfg.batch_size, teacher=res.teacher(), progress=ui.progress)
-        del model
+    model = res.teacher() if index == 0 else load_for_eval(d)
+    per: dict[str, dict] = {}
+    for name, spec in domains:
+        stream = res.stream(spec, ecfg.max_tokens)
+        ui.log(f"[{d.name}] evaluating on {min(stream.numel(), ecfg.max_tokens)} tokens of {name}")
+        if index == 0:
+            r = evaluate_stream(model, stream, window=ecfg.window, max_tokens=ecfg.max_tokens,
+                                batch_size=ecfg.batch_size, progress=ui.progress)
+            r.update(kl=0.0, top1_agreement=1.0, teacher_perplexity=r["perplexity"])
+        else:
+            r = evaluate_stream(model, stream, window=ecfg.window, max_tokens=ecfg.max_tokens,
+                                batch_size=ecfg.batch_size, teacher=res.teacher(), progress=ui.progress)
+        per[name] = r
+    del model
+    result = {**per[domains[0][0]], "eval_seconds": sum(r["eval_seconds"] for r in per.values()),
+              "domains": per, "summary": summarize_domains(per)}
     stored = {key: result}  # only the current evaluation settings are kept
     atomic_write_json(path, stored)
     return result

@@ -160,7 +160,8 @@ def test_report_ends_with_teacher_vs_compressed_table():
     }
     tail = "\n".join(summary_table(report))
     assert "compressed (`02-export_onnx`)" in tail  # the deployed export, not the profiling stage
-    assert "| perplexity | 20.000 | 25.000 | ×1.250 |" in tail
+    assert "| perplexity (held-out) | 20.000 | 25.000 | ×1.250 |" in tail
+    assert "geometric mean" not in tail  # no domains recorded: no domain rows
     assert "| weights on disk, MB | 500.0 | 100.0 | ×0.200 |" in tail
     assert "| decode tok/s | 19.0 | 190.0 | ×10.00 |" in tail and "| prefill tok/s | 425.0 | 850.0 | ×2.00 |" in tail
     report["stages"][3]["latency"] = None

@@ -83,6 +83,9 @@ def test_cli_model_and_eval_on_embedded_default(tmp_path):
     rep = json.loads(first.stdout)
     ppl = rep["stages"][0]["perplexity"]
     assert rep["stages"][0]["parameters"] == 134_515_008 and 15 < ppl < 60
+    doms = rep["stages"][0]["domains"]  # wikitext (primary), the teacher's held-out answers, stdlib code and prose
+    assert list(doms) == ["test", "answers", "python-code", "python-docs"] and doms["test"]["perplexity"] == ppl
+    assert 1.5 < doms["answers"]["perplexity"] < 8 and all(d["tokens"] > 500 for d in doms.values())
     t0 = time.perf_counter()
     again = run_cli(*args)
     assert again.returncode == 0 and json.loads(again.stdout)["stages"][0]["cached"]
@@ -98,6 +101,7 @@ def test_cpu_fp32_profile_exports_validates_and_profiles(tmp_path):
     out = tmp_path / "run"
     r = run_cli("model", "--profile", "cpu-fp32", "--out", str(out), "--eval-data", str(WIKITEXT_TEST),
                 "--set", "evaluation.max_tokens=2048", "--set", "profile_latency.runs=2",
+                "--set", "evaluation.domains=[python-docs]",  # the full default set runs in the baseline test
                 "--set", "profile_latency.prompt_tokens=64", "--set", "profile_latency.new_tokens=16",
                 "--json", "--quiet")
     assert r.returncode == 0, r.stderr
