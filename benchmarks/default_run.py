@@ -57,8 +57,9 @@ def main() -> int:
         "profile": report["profile"], "wall_seconds": round(wall, 1), "peak_rss_bytes": peak,
         "evaluation": report["evaluation"],
         "teacher": {k: t_.get(k) for k in ("name", "perplexity", "weight_bytes")},
-        "compressed": {k: c.get(k) for k in ("name", "path", "perplexity", "kl", "top1_agreement", "weight_bytes",
-                                             "validation")},
+        "compressed": {**{k: c.get(k) for k in ("name", "path", "perplexity", "kl", "top1_agreement", "weight_bytes",
+                                                "domains", "ratio_geomean", "ratio_worst", "worst_domain")},
+                       "validation": ((c.get("pass_metrics") or {}).get("export") or {}).get("validation")},
         "latency": {"teacher": tl, "compressed": cl},
         "stages": [{k: s.get(k) for k in ("name", "perplexity", "kl", "weight_bytes", "pass_seconds", "eval_seconds")}
                    for s in report["stages"]],
@@ -83,7 +84,8 @@ def main() -> int:
     print(f"{report['profile']}: {wall / 60:.1f} min wall, peak RSS {peak / 1e9:.1f} GB; perplexity {t_['perplexity']:.3f} -> "
           f"{c['perplexity']:.3f} (x{ratio:.3f}), KL {c['kl']:.4f}, {t_['weight_bytes'] / 1e6:.1f} -> "
           f"{c['weight_bytes'] / 1e6:.1f} MB, decode {tl['decode_tokens_per_second']['median']:.1f} -> "
-          f"{cl['decode_tokens_per_second']['median']:.1f} tok/s")
+          f"{cl['decode_tokens_per_second']['median']:.1f} tok/s; held-out domains: geometric mean x{c['ratio_geomean']:.3f}, "
+          f"worst x{c['ratio_worst']:.3f} ({c['worst_domain']})")
     return 0
 
 
