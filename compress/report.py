@@ -123,7 +123,8 @@ def summary_table(report: dict[str, Any]) -> list[str]:
     doms = domain_table(c)
     lines = ["", "## Teacher vs compressed", "",
              f"| | teacher (`{t['name']}`) | compressed (`{c['name']}`) | compressed / teacher |", "|---|---|---|---|",
-             f"| perplexity ({report['evaluation'].get('data', 'evaluation data')}) | {_fmt(t.get('perplexity'), '.3f')} | "
+             f"| perplexity ({report['evaluation'].get('primary') or report['evaluation'].get('data')}) | "
+             f"{_fmt(t.get('perplexity'), '.3f')} | "
              f"{_fmt(c.get('perplexity'), '.3f')} | {ratio(t.get('perplexity'), c.get('perplexity'))} |",
              *([f"| perplexity ×, geometric mean of {len(c['domains'])} held-out domains | | | "
                 f"×{c['ratio_geomean']:.3f} |",

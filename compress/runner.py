@@ -149,7 +149,7 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
         _remove_other_stages(out, dirs)
         report = build_report(
             profile=pipe.name, model=p.source.label, source_id=src_id,
-            evaluation={"data": domains[0][1].label, **pipe.evaluation.to_dict(),
+            evaluation={"data": domains[0][1].label, "primary": domains[0][0], **pipe.evaluation.to_dict(),
                         "domain_labels": {n: s.label for n, s in domains}},
             training_data=train_spec.label if train_spec else None, target=pipe.target.to_dict(),
             processes=ranks.world, records=records, seconds=time.perf_counter() - started)
