@@ -174,3 +174,21 @@ def test_killed_cli_run_resumes_to_the_same_model(tiny_dir, tiny_text, tmp_path)
     b = load_file(out / "stages" / "01-distill" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [p for p in (out / "stages").iterdir() if p.name.startswith(".")]
+
+
+def test_bf16_auto_is_decided_by_measurement_and_remembered(monkeypatch, tmp_path):
+    import compress.hardware as hw
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls = []
+    for speedup, expected in ((2.0, True), (0.06, False)):
+        (tmp_path / "hardware.json").unlink(missing_ok=True)
+        monkeypatch.setattr(hw, "measure_bf16_speedup", lambda s=speedup: calls.append(s) or s)
+        on, why = hw.resolve_bf16("auto")
+        assert on is expected and f"{speedup:.2f}x" in why
+        assert hw.resolve_bf16("auto")[0] is expected  # remembered: measured once per machine
+    assert calls == [2.0, 0.06]
+    assert hw.resolve_bf16("on")[0] and not hw.resolve_bf16("off")[0]
+    monkeypatch.undo()
+    assert 0 < hw.measure_bf16_speedup(rounds=1) < 100  # the real measurement runs (about a second)
