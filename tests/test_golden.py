@@ -1,6 +1,7 @@
 """Cache ids follow the algorithm: a golden output per pass, recorded at its current version.
 
-Each pass runs with its default config on the tiny model; the output's fingerprint (logits on
+Each pass runs with its default config on the tiny model (``train.bf16`` pinned off: ``auto`` is
+decided per machine); the output's fingerprint (logits on
 fixed tokens, plus the ONNX graph's operator counts for an export) is compared with
 ``tests/golden.json``. Outputs that change while the pass's version stays the same fail: a run
 folder would silently reuse the stale stage. Bump the pass's ``algorithm`` in its
@@ -69,8 +70,11 @@ def golden():
 def test_output_matches_the_golden_of_this_version(name, golden, tiny_dir, tiny_text, tmp_path):
     spec = get_pass(name)
     prof = tmp_path / "golden.yaml"
+    # the pass's defaults, but bf16 pinned off: `auto` resolves per machine (measured), not per algorithm
+    cfg = "{train: {bf16: 'off'}}" if "train" in spec.config.sections() else "{}"
     prof.write_text("description: golden\ntarget: {name: cpu, threads: 1}\ndata: {seq_len: 64}\n"
-                    f"evaluation: {{max_tokens: 256, window: 64}}\npasses: [{name}]\n")  # the pass's defaults
+                    "evaluation: {max_tokens: 256, window: 64, domains: [python-code]}\n"
+                    f"passes: [{{name: {name}, config: {cfg}}}]\n")
     rep = api.run(api.plan(str(tiny_dir), str(prof), data=str(tiny_text), eval_data=str(tiny_text)),
                   tmp_path / "run", quiet=True)
     fp = {"version": spec.version, **fingerprint(tmp_path / "run" / rep["stages"][1]["path"])}
