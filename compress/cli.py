@@ -76,14 +76,15 @@ def eval_cmd(
     model: Optional[str] = typer.Argument(None, help="HF folder, .gguf, artifact or run folder; default: embedded model"),
     data: List[str] = typer.Option([], "--data", help="evaluation text (.txt, .jsonl or folder), repeatable: one domain each; default: the built-in held-out domains"),
     domains: Optional[str] = typer.Option(None, "--domains", help="built-in domains to add, comma-separated: answers, python-code, python-docs (default: all without --data, none with it)"),
-    max_tokens: int = typer.Option(16384, "--max-tokens", help="first N tokens of the data"),
+    max_tokens: int = typer.Option(16384, "--max-tokens", help="first N tokens of each domain"),
     window: int = typer.Option(512, "--window", help="non-overlapping window length"),
     batch_size: int = typer.Option(1, "--batch-size", help="windows per forward pass"),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="teacher model for KL / agreement (default: the artifact's recorded teacher)"),
     as_json: bool = typer.Option(False, "--json", help="print only the JSON result"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """Perplexity over the first N tokens of the data, plus KL and top-1 agreement to a teacher."""
+    """Perplexity on each held-out domain; with a teacher also KL, top-1 agreement and the ratio to the
+    teacher's perplexity, their geometric mean and the worst domain."""
     from . import api
 
     doms = None if domains is None else tuple(d.strip() for d in domains.split(",") if d.strip())
