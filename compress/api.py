@@ -57,7 +57,7 @@ def evaluate(
     top level, every domain's under ``domains``, ratios under ``summary``.
     """
     from .domains import resolve_domains
-    from .evaluation import evaluate_stream, summarize_domains
+    from .evaluation import evaluate_domains
     from .models import teacher_folder
 
     paths = [data] if isinstance(data, str) else list(data or [])
@@ -82,21 +82,13 @@ def evaluate(
     if "answers" in ecfg.domains and detect_format(gen.folder()) == "onnx":
         raise UserError(f"{ref.label} is an ONNX export without a recorded teacher: give --data (or --teacher)")
     specs = resolve_domains(ecfg.domains, paths, self_data_spec(source_id(gen.source), DataConfig(), "eval"))
-    per = {}
+    result = evaluate_domains(student, [(name, gen.stream(spec, max_tokens)) for name, spec in specs], window=window,
+                              max_tokens=max_tokens, batch_size=batch_size,
+                              teacher=t_res.teacher() if t_res else None, progress=ui.progress)
     for name, spec in specs:
-        per[name] = evaluate_stream(student, gen.stream(spec, max_tokens), window=window, max_tokens=max_tokens,
-                                    batch_size=batch_size, teacher=t_res.teacher() if t_res else None,
-                                    progress=ui.progress)
-        per[name]["data"] = spec.label
-    first = specs[0][0]
-    return {
-        "model": ref.label,
-        "teacher": t_res.source.label if t_res else None,
-        **per[first],
-        "domains": per,
-        "summary": summarize_domains(per),
-        "config": ecfg.to_dict(),
-    }
+        result["domains"][name]["data"] = spec.label
+    result["data"] = specs[0][1].label
+    return {"model": ref.label, "teacher": t_res.source.label if t_res else None, **result, "config": ecfg.to_dict()}
 
 
 # --------------------------------------------------------------------------------- export

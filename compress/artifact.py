@@ -71,6 +71,14 @@ def read_artifact(path: Path) -> Artifact:
     return Artifact(path, manifest)
 
 
+def read_json(path: Path, default: Any) -> Any:
+    """A JSON file's content, or ``default`` where it is missing or unreadable (caches, indexes)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def make_manifest(
     *, id: str, parent: str | None, pass_name: str, pass_version: int, config: dict, path: Path,
     teacher: dict | None, extra: dict | None = None,

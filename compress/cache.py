@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from .artifact import atomic_write_json, file_sha256
+from .artifact import atomic_write_json, file_sha256, read_json
 
 
 def cache_dir() -> Path:
@@ -24,10 +23,7 @@ def cached_digest(path: Path) -> str:
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     index_path = cache_dir() / "digests.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
+    index = read_json(index_path, {})
     if key in index:
         return index[key]
     digest = file_sha256(path)

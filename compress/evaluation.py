@@ -82,6 +82,23 @@ def evaluate_stream(
     return result
 
 
+def evaluate_domains(model, streams: list[tuple[str, torch.Tensor]], *, window: int, max_tokens: int,
+                     batch_size: int = 1, teacher=None, is_teacher: bool = False,
+                     progress: Callable | None = None) -> dict:
+    """``evaluate_stream`` on every domain (``(name, stream)``, the primary one first): the primary
+    domain's figures at the top level, every domain's under ``domains``, ratios under ``summary``.
+    ``is_teacher``: the model is the teacher itself (KL 0, agreement 1, ratio 1 by definition)."""
+    per: dict[str, dict] = {}
+    for name, stream in streams:
+        r = evaluate_stream(model, stream, window=window, max_tokens=max_tokens, batch_size=batch_size,
+                            teacher=teacher, progress=progress)
+        if is_teacher:
+            r.update(kl=0.0, top1_agreement=1.0, teacher_perplexity=r["perplexity"])
+        per[name] = r
+    return {**per[streams[0][0]], "eval_seconds": sum(r["eval_seconds"] for r in per.values()),
+            "domains": per, "summary": summarize_domains(per)}
+
+
 def summarize_domains(per: dict[str, dict]) -> dict:
     """Perplexity ratios to the teacher per domain, their geometric mean and the worst."""
     ratios = {n: r["perplexity"] / r["teacher_perplexity"] for n, r in per.items() if r.get("teacher_perplexity")}

@@ -68,20 +68,15 @@ def measure_bf16_speedup(rounds: int = 5) -> float:
 
 def _cached_bf16_speedup() -> float:
     """The measurement, once per (CPU, torch version, thread count), remembered in the user cache."""
-    import json
-
     import torch
 
-    from .artifact import atomic_write_json
+    from .artifact import atomic_write_json, read_json
     from .cache import cache_dir
 
     key = f"{cpu_name()}|{' '.join(sorted(cpu_flags() & {'avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'}))}|" \
           f"torch {torch.__version__}|threads {torch.get_num_threads()}"
     path = cache_dir() / "hardware.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = read_json(path, {})
     if key not in known:
         known[key] = {"bf16_speedup": measure_bf16_speedup()}
         try:

@@ -114,10 +114,10 @@ def apply_masks_(model, masks: dict[str, Any]) -> None:
 
     with torch.no_grad():
         for name, mask in masks.items():
-            w = _weight(model, name)
-            if getattr(model.get_submodule(name), "mask", None) is not None:
+            mod = _module(model, name)
+            if getattr(mod, "mask", None) is not None:
                 continue  # the module applies its own mask in every forward (a QuantLinear)
-            w.mul_(mask.to(device=w.device, dtype=w.dtype))
+            mod.weight.mul_(mask.to(device=mod.weight.device, dtype=mod.weight.dtype))
 
 
 def violations(model, masks: dict[str, Any]) -> dict[str, int]:
@@ -127,19 +127,18 @@ def violations(model, masks: dict[str, Any]) -> dict[str, int]:
     out = {}
     with torch.no_grad():
         for name, mask in masks.items():
-            w = _weight(model, name)
+            w = _module(model, name).weight
             n = int((w.detach()[~mask.to(w.device)] != 0).sum())
             if n:
                 out[name] = n
     return out
 
 
-def _weight(model, name: str):
+def _module(model, name: str):
     try:
         mod = model.get_submodule(name)
     except AttributeError:
         raise UserError(f"sparsity mask names {name!r}, which the model does not have") from None
-    w = getattr(mod, "weight", None)
-    if w is None:
+    if getattr(mod, "weight", None) is None:
         raise UserError(f"sparsity mask names {name!r}, which has no weight")
-    return w
+    return mod

@@ -10,6 +10,7 @@ its shape, its sparsity) before the folder is renamed into place. ``compress exp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -19,15 +20,15 @@ from typing import Any, Callable
 
 import yaml
 
-from . import __version__
 from .artifact import (
-    MANIFEST, METRICS, Artifact, atomic_write_json, atomic_write_text, hash_parts, is_artifact, link_model_files, link_or_copy,
-    list_files, make_manifest, os_errors, read_artifact, remove_stale_temps, staging_dir,
+    MANIFEST, METRICS, Artifact, atomic_write_json, atomic_write_text, hash_parts, is_artifact, link_model_files,
+    link_or_copy, list_files, make_manifest, os_errors, read_artifact, read_json, remove_stale_temps, staging_dir,
 )
 from .config import EvalConfig
 from .context import INVARIANTS, PassContext, PassResult
 from .data import DataSpec, self_data_spec
 from .distributed import Ranks
+from .domains import resolve_domains
 from .errors import UserError
 from .formats import MASKS_FILE, count_parameters, detect_format, format_of
 from .plan import Plan, stage_id
@@ -73,8 +74,6 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
         _check_out_dir(out)
     pipe = p.pipeline
     src_id = source_id(p.source)
-    from .domains import resolve_domains
-
     domains = resolve_domains(pipe.evaluation.domains, p.eval_data, self_data_spec(src_id, pipe.data, "eval"))
     needs_data = any(s.spec.needs_data for s in pipe.stages)
     train_spec = (p.data or self_data_spec(src_id, pipe.data, "train")) if needs_data else None
@@ -203,10 +202,7 @@ def write_source_stage(d: Path, src_id: str, source: SourceRef, res: Resources) 
                 config={"origin": str(source.path), "format": source.kind, "label": source.label},
                 path=tmp, teacher=None,
             )
-        manifest["format"] = detect_format(tmp)
-        manifest["invariants"] = source_invariants(folder)
-        manifest["parameters"] = count_parameters(tmp) or manifest.get("parameters")
-        manifest["files"] = list_files(tmp)
+        manifest.update(_source_fields(folder, manifest), files=list_files(tmp))
         atomic_write_json(tmp / MANIFEST, manifest)
 
 
@@ -214,10 +210,13 @@ def source_artifact(ref: SourceRef, folder: Path) -> Artifact:
     """A source as a parent artifact (an HF folder or a converted GGUF has no manifest of its own
     beyond the conversion's): the id the pipeline gives its source stage, its invariants."""
     manifest = read_artifact(folder).manifest if is_artifact(folder) else {}
-    manifest = {**manifest, "id": source_id(ref), "format": detect_format(folder),
-                "invariants": source_invariants(folder),
-                "parameters": count_parameters(folder) or manifest.get("parameters")}
-    return Artifact(Path(folder), manifest)
+    return Artifact(Path(folder), {**manifest, "id": source_id(ref), **_source_fields(folder, manifest)})
+
+
+def _source_fields(folder: Path, manifest: dict) -> dict[str, Any]:
+    """What a source stage's manifest states about the model it holds: format, invariants, parameters."""
+    return {"format": detect_format(folder), "invariants": source_invariants(folder),
+            "parameters": count_parameters(folder) or manifest.get("parameters")}
 
 
 def parent_masks_of(parent: Artifact) -> Callable[[], dict]:
@@ -240,7 +239,7 @@ def execute_stage(spec: PassSpec, cfg, parent: Artifact, ctx: PassContext, *, te
     parent_format = parent.manifest.get("format") or detect_format(parent.path)
     t0 = time.perf_counter()
     target = ctx.target
-    with (target.torch_threads() if target is not None else _null()):
+    with (target.torch_threads() if target is not None else contextlib.nullcontext()):
         result = spec.load()(parent, cfg, ctx)
     if not isinstance(result, PassResult):
         raise TypeError(f"pass {spec.name} returned {type(result).__name__}, not a PassResult")
@@ -274,14 +273,6 @@ def execute_stage(spec: PassSpec, cfg, parent: Artifact, ctx: PassContext, *, te
     )
     atomic_write_json(tmp / MANIFEST, manifest)
     return result
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _invariants(spec: PassSpec, parent: Artifact, result: PassResult, tmp: Path) -> dict[str, Any]:
@@ -338,30 +329,20 @@ def _stage_metrics(d: Path, index: int, key: str, domains: list[tuple[str, DataS
     """The stage's evaluation on every domain (cached in its metrics.json under ``key``): the first
     domain's figures at the top level, all of them under ``domains``, ratios under ``summary``."""
     path = d / METRICS
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        stored = {}
+    stored = read_json(path, {})
     if key in stored:
         return stored[key]
-    from .evaluation import evaluate_stream, summarize_domains
+    from .evaluation import evaluate_domains
 
-    model = res.teacher() if index == 0 else load_for_eval(d)
-    per: dict[str, dict] = {}
+    streams = []
     for name, spec in domains:
-        stream = res.stream(spec, ecfg.max_tokens)
-        ui.log(f"[{d.name}] evaluating on {min(stream.numel(), ecfg.max_tokens)} tokens of {name}")
-        if index == 0:
-            r = evaluate_stream(model, stream, window=ecfg.window, max_tokens=ecfg.max_tokens,
-                                batch_size=ecfg.batch_size, progress=ui.progress)
-            r.update(kl=0.0, top1_agreement=1.0, teacher_perplexity=r["perplexity"])
-        else:
-            r = evaluate_stream(model, stream, window=ecfg.window, max_tokens=ecfg.max_tokens,
-                                batch_size=ecfg.batch_size, teacher=res.teacher(), progress=ui.progress)
-        per[name] = r
+        streams.append((name, res.stream(spec, ecfg.max_tokens)))
+        ui.log(f"[{d.name}] evaluating on {min(streams[-1][1].numel(), ecfg.max_tokens)} tokens of {name}")
+    model = res.teacher() if index == 0 else load_for_eval(d)
+    result = evaluate_domains(model, streams, window=ecfg.window, max_tokens=ecfg.max_tokens,
+                              batch_size=ecfg.batch_size, teacher=None if index == 0 else res.teacher(),
+                              is_teacher=index == 0, progress=ui.progress)
     del model
-    result = {**per[domains[0][0]], "eval_seconds": sum(r["eval_seconds"] for r in per.values()),
-              "domains": per, "summary": summarize_domains(per)}
     stored = {key: result}  # only the current evaluation settings are kept
     atomic_write_json(path, stored)
     return result

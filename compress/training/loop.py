@@ -23,6 +23,7 @@ the batches the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -239,7 +240,7 @@ def train(
             for micro in range(settings.grad_accum):
                 ids = blocks[batch_indices(step, micro, rank, settings, world, n)].to(device)
                 sync = micro == settings.grad_accum - 1
-                ctx = accelerator.no_sync(student) if (world > 1 and not sync) else _null()
+                ctx = accelerator.no_sync(student) if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
                     loss, parts = loss_fn(LossInputs(student, unwrapped, teacher, ids, step, settings.loss,
                                                      need_hidden, autocast))
@@ -285,14 +286,6 @@ def train(
         "world_size": world,
         "settings": {**asdict(settings)},
     }
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _save_checkpoint(accelerator, model, optimizer, step, history, fingerprint, world, path: Path,
