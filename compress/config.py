@@ -142,6 +142,11 @@ class Config:
     def preflight(self) -> None:
         """Checks against this machine before a run starts (e.g. a CUDA target). Override per config."""
 
+    def training_sequences(self) -> int | None:
+        """How many training sequences (of ``data.seq_len`` tokens) the pass draws, for sizing the
+        teacher-written data; None: it takes no training data. Override per pass config."""
+        return None
+
     def _fail(self, key: str, message: str) -> None:
         raise UserError(f"{self.SECTION}.{key}: {message}")
 
@@ -273,28 +278,40 @@ class DataConfig(Config):
     SECTION: ClassVar[str] = "data"
 
     seq_len: int = help_field(512, "tokens per packed training block")
-    num_prompts: int = help_field(
-        256, "self-generated data: how many prompts of the built-in set the teacher answers"
+    num_prompts: int | None = help_field(
+        None, "self-generated data: how many prompts of the built-in set the teacher answers "
+        "(None = sized to what the passes train and calibrate on)"
     )
     eval_prompts: int = help_field(
         32, "self-generated evaluation data: held-out prompts answered (never trained on)"
     )
     max_new_tokens: int = help_field(256, "self-generated data: longest answer, in tokens")
-    temperature: float = help_field(0.0, "self-generated data: 0 = greedy, else sampling temperature")
+    sampled: float = help_field(
+        0.5, "self-generated training data: fraction of the prompts answered by sampling (the others greedily)")
+    temperature: float = help_field(0.7, "self-generated data: temperature of the sampled answers")
+    top_p: float = help_field(0.95, "self-generated data: nucleus of the sampled answers")
+    mix: float = help_field(
+        0.25, "with --data: fraction of the training sequences the teacher writes itself (0 = the user's text only)")
     generation_batch_size: int = help_field(32, "self-generated data: prompts decoded together")
-    seed: int = help_field(0, "self-generated data: sampling seed (used when temperature > 0)")
+    seed: int = help_field(0, "self-generated data: sampling seed")
 
     def validate(self) -> None:
         if not 8 <= self.seq_len <= 32768:
             self._fail("seq_len", f"must be in 8..32768, got {self.seq_len}")
-        if self.num_prompts < 1:
+        if self.num_prompts is not None and self.num_prompts < 1:
             self._fail("num_prompts", "must be at least 1")
         if self.eval_prompts < 1:
             self._fail("eval_prompts", "must be at least 1")
         if not 1 <= self.max_new_tokens <= 4096:
             self._fail("max_new_tokens", "must be in 1..4096")
-        if not 0.0 <= self.temperature <= 2.0:
-            self._fail("temperature", "must be in 0..2")
+        if not 0.0 < self.temperature <= 2.0:
+            self._fail("temperature", "must be in (0, 2]")
+        if not 0.0 <= self.sampled <= 1.0:
+            self._fail("sampled", "must be in 0..1")
+        if not 0.0 <= self.mix < 1.0:
+            self._fail("mix", "must be in [0, 1): the share of the teacher's text beside the user's")
+        if not 0.0 < self.top_p <= 1.0:
+            self._fail("top_p", "must be in (0, 1]")
         if self.generation_batch_size < 1:
             self._fail("generation_batch_size", "must be at least 1")
 

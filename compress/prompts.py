@@ -1,16 +1,19 @@
 """The built-in prompt set the teacher answers to make its own training data.
 
-Written for this project (self-data distillation, METHODS.md section 5): varied
-topics crossed with varied instruction types, plus standalone tasks (arithmetic,
-rewriting, lists, code, reasoning). None is a benchmark prompt. Every eighth
-prompt is held out for evaluation and never trained on.
+Written for this project (self-data distillation, METHODS.md section 5). Six kinds of text, so
+that a model recovered on the teacher's answers holds on text nobody tuned on: explanation
+(everyday topics x instruction types), code (programming tasks x request styles), technical
+writing (computing topics x documentation styles), narrative, dialogue, lists, and math word
+problems (numbers drawn from a fixed seed), plus standalone tasks (rewriting, reasoning).
+The kinds are interleaved so that any prefix of the set covers all of them. None is a
+benchmark prompt. Every eighth prompt is held out for evaluation and never trained on.
 
 Change the text and you must bump ``PROMPT_SET_VERSION`` (it keys the data cache).
 """
 
 from __future__ import annotations
 
-PROMPT_SET_VERSION = 1
+PROMPT_SET_VERSION = 2
 
 TOPICS = (
     "photosynthesis", "the water cycle", "volcanoes", "the moon's phases", "black holes",
@@ -81,17 +84,151 @@ STANDALONE = (
 )
 
 
+CODE_TASKS = (
+    "reverses the order of the words in a sentence", "counts how often each word appears in a text file",
+    "merges two sorted lists into one sorted list", "parses a date written as YYYY-MM-DD and returns the weekday",
+    "computes a moving average over a list of numbers", "finds duplicate files in a folder by hashing their contents",
+    "checks whether a string is a plausible email address", "flattens an arbitrarily nested list",
+    "performs binary search on a sorted list", "reads a CSV file and sums one of its columns",
+    "retries a failing call with exponential backoff", "implements a stack with push, pop and peek",
+    "returns the n-th Fibonacci number without recursion", "tests whether a number is prime",
+    "groups a list of dictionaries by the value of one key", "removes duplicates from a list but keeps the order",
+    "splits a list into chunks of a given size", "formats a number of bytes as a human-readable size",
+    "lists the ten largest files under a directory", "parses command-line options with argparse",
+    "times a block of code with a context manager", "serializes a dataclass to JSON and back",
+    "yields the lines of a large file lazily", "computes the edit distance between two strings",
+    "rotates a square matrix by 90 degrees", "counts events safely from several threads",
+    "implements a least-recently-used cache", "evaluates an expression in reverse Polish notation",
+    "converts Roman numerals to integers", "pretty-prints a nested dictionary with indentation",
+    "validates a 9x9 Sudoku grid", "computes the greatest common divisor of two integers",
+    "finds the longest common prefix of a list of strings", "tokenizes a simple arithmetic expression",
+    "reads a configuration file in INI format", "renames every file in a folder to lower case",
+)
+
+CODE_TEMPLATES = (
+    "Write a Python function that {t}. Include a docstring and type hints.",
+    "Write Python code that {t}, then explain how it works line by line.",
+    "Write a Python function that {t}, and two pytest unit tests for it.",
+    "What edge cases does a function that {t} have to handle? Show an implementation in Python.",
+)
+
+TECH_TOPICS = (
+    "hash tables", "TCP and UDP", "garbage collection", "regular expressions", "Unicode and UTF-8",
+    "file systems", "virtual memory", "HTTP requests and responses", "DNS", "public-key cryptography",
+    "version control with git", "unit testing", "recursion", "big-O notation", "sorting algorithms",
+    "threads and processes", "Python decorators", "Python generators", "exceptions and error handling",
+    "the JSON format", "SQL joins", "REST APIs", "caching", "floating-point numbers",
+    "compilers and interpreters", "binary numbers", "logging in applications", "the Unix command line",
+)
+
+TECH_TEMPLATES = (
+    "Explain {t} to a junior programmer, with a small example.",
+    "Write the section of a library manual that introduces {t}.",
+    "What are the trade-offs and common pitfalls of {t}?",
+    "Describe a bug that is typical of {t} and how to fix it.",
+)
+
+STORY_CHARACTERS = (
+    "a lighthouse keeper", "a retired detective", "a young inventor", "a lost dog", "a village baker",
+    "an astronaut on a long mission", "two rival chess players", "a shy librarian", "a street musician",
+    "a farmer during a drought", "a girl who finds an old map", "a ship's cook",
+)
+
+STORY_SITUATIONS = (
+    "discovers something unexpected in the attic", "has to make a difficult choice",
+    "meets a stranger on a night train", "tries to fix a mistake before anyone notices",
+    "returns home after twenty years", "is snowed in for a week",
+)
+
+DIALOGUE_PAIRS = (
+    ("a customer", "a bookshop owner"), ("a patient", "a doctor"), ("two friends", None),
+    ("a student", "a professor"), ("a tourist", "a local guide"), ("a manager", "a new employee"),
+    ("a child", "a grandparent"), ("a programmer", "a product designer"),
+)
+
+DIALOGUE_SUBJECTS = (
+    "planning a weekend trip", "a book they both read", "a problem at work", "learning to cook",
+    "whether to adopt a pet", "a strange noise in the house", "saving for a big purchase",
+    "a bug that only happens on Fridays",
+)
+
+LIST_SUBJECTS = (
+    "habits that improve sleep", "questions to ask before buying a used car", "ways to reduce food waste",
+    "classic novels and why they matter", "tips for writing clear emails", "board games for families",
+    "steps to prepare for a job interview", "common causes of slow computers", "birds you can see in a city park",
+    "ideas for a rainy afternoon", "mistakes beginners make when learning to program",
+    "things to check before a long bicycle ride", "uses for baking soda", "inventions of the nineteenth century",
+    "ways to learn vocabulary in a new language", "features of a good password manager",
+)
+
+LIST_TEMPLATES = (
+    "List eight {t}, with one sentence about each.",
+    "Make a numbered list of {t}, most important first, and explain your order.",
+)
+
+MATH_TEMPLATES = (
+    "A bakery bakes {a} loaves a day and sells {b} of them. How many loaves are left after {c} days? Show your steps.",
+    "A tank holds {a} liters and is filled at {b} liters per minute. How long does it take to fill it from empty?",
+    "What is {a} multiplied by {b}, minus {c}? Show each step.",
+    "A shirt costs {a} dollars and is on sale for {b} percent off. What is the sale price?",
+    "A rectangle is {a} cm long and {b} cm wide. What are its area and perimeter?",
+    "If {a} workers build a wall in {b} days, how long would {c} workers take at the same rate?",
+    "Split {a} apples among {b} children equally. How many does each get, and how many are left?",
+    "A car uses {b} liters of fuel per 100 km. How much fuel does it need for {a} km?",
+    "Solve for x: {b}x + {c} = {a}. Explain each step.",
+    "What is the average of {a}, {b} and {c}?",
+)
+
+MATH_PROBLEMS = 40
+
+
+def _math_prompts() -> list[str]:
+    import random
+
+    rng = random.Random(20261201)
+    out = []
+    for i in range(MATH_PROBLEMS):
+        t = MATH_TEMPLATES[i % len(MATH_TEMPLATES)]
+        out.append(t.format(a=rng.randint(12, 480), b=rng.randint(2, 40), c=rng.randint(2, 12)))
+    return out
+
+
+def _kinds() -> list[list[str]]:
+    """The prompt set by kind, each in a fixed order (varying fastest in its first field)."""
+    def crossed(templates, items):
+        return [templates[(i + j) % len(templates)].format(t=t) for j in range(len(templates)) for i, t in enumerate(items)]
+
+    explain = crossed(TEMPLATES, TOPICS)
+    code = crossed(CODE_TEMPLATES, CODE_TASKS)
+    tech = crossed(TECH_TEMPLATES, TECH_TOPICS)
+    stories = [f"Write a short story about {c} who {STORY_SITUATIONS[(i + j) % len(STORY_SITUATIONS)]}."
+               for j in range(2) for i, c in enumerate(STORY_CHARACTERS)]
+    dialogues = []
+    for j in range(2):
+        for i, (a, b) in enumerate(DIALOGUE_PAIRS):
+            who = a if b is None else f"{a} and {b}"
+            dialogues.append(f"Write a dialogue between {who} about {DIALOGUE_SUBJECTS[(i + 3 * j) % len(DIALOGUE_SUBJECTS)]}.")
+    lists = crossed(LIST_TEMPLATES, LIST_SUBJECTS)
+    return [explain, code, tech, stories + dialogues, lists + list(STANDALONE), _math_prompts()]
+
+
+# share of each kind in any prefix of the set (explanation, code, technical, narrative and
+# dialogue, lists and standalone tasks, math); a kind that runs out leaves the rest to the others
+KIND_SHARES = (2, 2, 2, 1, 1, 1)
+
+
 def prompt_set() -> list[str]:
-    """Every prompt, in a fixed interleaved order (topics vary fastest)."""
-    crossed = [TEMPLATES[(i + j) % len(TEMPLATES)].format(t=t) for j in range(len(TEMPLATES)) for i, t in enumerate(TOPICS)]
+    """Every prompt, the kinds interleaved by ``KIND_SHARES`` (any prefix covers them all)."""
+    kinds = _kinds()
+    total = sum(len(k) for k in kinds)
     out: list[str] = []
-    s = 0
-    for i, p in enumerate(crossed):
-        out.append(p)
-        if i % 9 == 8 and s < len(STANDALONE):
-            out.append(STANDALONE[s])
-            s += 1
-    out.extend(STANDALONE[s:])
+    taken = [0] * len(kinds)
+    for _ in range(total):
+        # the kind furthest behind its share goes next
+        j = min((i for i in range(len(kinds)) if taken[i] < len(kinds[i])),
+                key=lambda i: ((taken[i] + 1) / KIND_SHARES[i], i))
+        out.append(kinds[j][taken[j]])
+        taken[j] += 1
     seen: set[str] = set()
     return [p for p in out if not (p in seen or seen.add(p))]
 

@@ -26,7 +26,7 @@ from .artifact import (
 )
 from .config import EvalConfig
 from .context import INVARIANTS, PassContext, PassResult
-from .data import DataSpec, self_data_spec
+from .data import DataSpec, TrainingData, self_data_spec
 from .distributed import Ranks
 from .domains import resolve_domains
 from .errors import UserError
@@ -75,9 +75,10 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
     pipe = p.pipeline
     src_id = source_id(p.source)
     domains = resolve_domains(pipe.evaluation.domains, p.eval_data, self_data_spec(src_id, pipe.data, "eval"))
-    needs_data = any(s.spec.needs_data for s in pipe.stages)
-    train_spec = (p.data or self_data_spec(src_id, pipe.data, "train")) if needs_data else None
-    data_key = f"{train_spec.fingerprint};seq_len={pipe.data.seq_len}" if train_spec else None
+    data_stages = [s for s in pipe.stages if s.spec.needs_data]
+    sequences = max((s.config.training_sequences() or 0 for s in data_stages), default=0)
+    train_data = TrainingData.of(p.data, src_id, pipe.data, sequences) if data_stages else None
+    data_key = f"{train_data.key};seq_len={pipe.data.seq_len}" if train_data else None
 
     ids, dirs = [src_id], [out / STAGES / "00-source"]
     for i, st in enumerate(pipe.stages, 1):
@@ -102,14 +103,16 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
         teacher_ref = {"id": src_id, "path": str(dirs[0].resolve())}
 
         def blocks():
-            from .data import pack_blocks
+            from .data import mix_blocks, pack_blocks
 
+            specs = [s for s in (train_data.user, train_data.own) if s is not None]
             if ranks.is_main:  # rank 0 writes self-generated data; the others read it after
-                stream = res.stream(train_spec)
+                streams = [res.stream(s) for s in specs]
             ranks.barrier()
             if not ranks.is_main:
-                stream = res.stream(train_spec)
-            return pack_blocks(stream, res.data_cfg.seq_len)
+                streams = [res.stream(s) for s in specs]
+            packed = [pack_blocks(st, res.data_cfg.seq_len) for st in streams]
+            return mix_blocks(packed[0], packed[1], train_data.mix) if len(packed) == 2 else packed[0]
 
         for i, d in enumerate(dirs):
             cached = stage_is(d, ids[i])
@@ -130,7 +133,7 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
                             load_teacher=res.teacher, training_blocks=blocks, progress=ui.progress, log=ui.log,
                             target=pipe.target)
                         execute_stage(st.spec, st.config, read_artifact(dirs[i - 1]), ctx, teacher=teacher_ref,
-                                      data_label=train_spec.label if (st.spec.needs_data and train_spec) else None,
+                                      data_label=train_data.label if (st.spec.needs_data and train_data) else None,
                                       write=ranks.is_main)
                     shutil.rmtree(work, ignore_errors=True)
             ranks.barrier()  # the stage is committed before any rank reads it
@@ -150,7 +153,7 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
             profile=pipe.name, model=p.source.label, source_id=src_id,
             evaluation={"data": domains[0][1].label, "primary": domains[0][0], **pipe.evaluation.to_dict(),
                         "domain_labels": {n: s.label for n, s in domains}},
-            training_data=train_spec.label if train_spec else None, target=pipe.target.to_dict(),
+            training_data=train_data.label if train_data else None, target=pipe.target.to_dict(),
             processes=ranks.world, records=records, seconds=time.perf_counter() - started)
         write_report(out, report)
         return report

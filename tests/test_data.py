@@ -90,3 +90,61 @@ def test_self_data_is_generated_once_and_cached(tiny_dir, tok):
     ensure_self_data(spec, cfg, None, tok)  # no model needed: cache hit
     assert path.stat().st_mtime_ns == mtime
     assert len(read_documents(spec)) == len(rows)
+
+
+def test_prompt_set_covers_every_kind_in_any_prefix():
+    from compress.prompts import KIND_SHARES, _kinds
+
+    kinds = _kinds()
+    kind_of = {p: i for i, k in enumerate(kinds) for p in k}
+    train, _ = split_prompts(90, 0)
+    counts = [sum(kind_of[p] == i for p in train) for i in range(len(kinds))]
+    total = sum(KIND_SHARES)
+    for i, c in enumerate(counts):  # code, technical, narrative/dialogue, lists, math all present in 90
+        assert abs(c - 90 * KIND_SHARES[i] / total) <= 2, (i, counts)
+
+
+def test_self_data_is_sized_to_the_passes_needs():
+    from compress.data import TOKENS_PER_ANSWER, self_prompt_count
+
+    cfg = DataConfig(max_new_tokens=256)
+    per = TOKENS_PER_ANSWER[0] + TOKENS_PER_ANSWER[1] * 256
+    assert self_prompt_count(cfg, 116) == -(-116 * 512 // int(per))  # cpu-4bit: 32 + 4 + 40 x 2 sequences
+    assert self_prompt_count(cfg, 10) == 64  # a floor for variety
+    assert self_prompt_count(cfg, 10**6) == len(split_prompts(10**9, 0)[0])  # at most the training half
+    assert self_prompt_count(DataConfig(num_prompts=7), 10**6) == 7  # an explicit count wins
+    a, b = (self_data_spec("m", cfg, "train", n) for n in (116, 200))
+    assert a.fingerprint != b.fingerprint and a.prompts < b.prompts
+    # the evaluation answers do not depend on how the training answers are sampled
+    other = DataConfig(sampled=0.0, temperature=1.0)
+    assert self_data_spec("m", cfg, "eval").fingerprint == self_data_spec("m", other, "eval").fingerprint
+    assert self_data_spec("m", cfg, "train", 116).fingerprint != self_data_spec("m", other, "train", 116).fingerprint
+
+
+def test_half_the_training_prompts_are_sampled_and_sampling_is_seeded(tiny_dir, tok):
+    from compress.data import generate_answers, sampled_indices
+
+    assert sampled_indices(10, 0.5) == {1, 3, 5, 7, 9} and sampled_indices(4, 0.0) == set()
+    assert len(sampled_indices(1000, 0.3)) == 300
+    model = load_model(tiny_dir)
+    cfg = DataConfig(max_new_tokens=12, generation_batch_size=2, temperature=1.0)
+    prompts = split_prompts(4, 0)[0]
+    greedy = generate_answers(model, tok, prompts, cfg)
+    one = generate_answers(model, tok, prompts, cfg, sampled={0, 1, 2, 3})
+    assert one == generate_answers(model, tok, prompts, cfg, sampled={0, 1, 2, 3})  # seeded
+    assert one != greedy
+    assert generate_answers(model, tok, prompts, DataConfig(**{**cfg.to_dict(), "seed": 1}), sampled={0, 1, 2, 3}) != one
+
+
+def test_user_text_is_mixed_with_the_teachers_in_every_prefix():
+    from compress.data import mix_blocks
+
+    user = torch.zeros(9, 4, dtype=torch.long)
+    own = torch.ones(5, 4, dtype=torch.long)
+    mixed = mix_blocks(user, own, 0.25)
+    flags = mixed[:, 0].tolist()
+    assert len(flags) == 14 and sum(flags) == 5
+    for n in range(4, 13):  # every prefix holds about a quarter of the teacher's text, until it runs out
+        assert abs(sum(flags[:n]) - 0.25 * n) <= 1 or sum(flags[:n]) == 5
+    with pytest.raises(UserError, match="data.mix"):
+        DataConfig(mix=1.0)

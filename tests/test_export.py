@@ -95,6 +95,9 @@ def test_tied_embedding_is_stored_once(tiny_export, tiny_dir):
     m = onnx.load(str(tiny_export / "model.onnx"), load_external_data=False)
     big = [t for t in m.graph.initializer if list(t.dims) in ([64, 320], [320, 64])]
     assert len(big) == 1  # the lm_head matrix also feeds the embedding Gather
+    names = {t.name for t in m.graph.initializer}
+    # rotary tables are computed from inv_freq in the graph, not stored (2 x 512 x 8 numbers here)
+    assert "rotary.inv_freq" in names and not names & {"cos_cache", "sin_cache"}
     ops = {n.op_type for n in m.graph.node}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "QuickGelu"} <= ops
 

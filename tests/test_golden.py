@@ -72,7 +72,7 @@ def test_output_matches_the_golden_of_this_version(name, golden, tiny_dir, tiny_
     prof = tmp_path / "golden.yaml"
     # the pass's defaults, but bf16 pinned off: `auto` resolves per machine (measured), not per algorithm
     cfg = "{train: {bf16: 'off'}}" if "train" in spec.config.sections() else "{}"
-    prof.write_text("description: golden\ntarget: {name: cpu, threads: 1}\ndata: {seq_len: 64}\n"
+    prof.write_text("description: golden\ntarget: {name: cpu, threads: 1}\ndata: {seq_len: 64, mix: 0}\n"
                     "evaluation: {max_tokens: 256, window: 64, domains: [python-code]}\n"
                     f"passes: [{{name: {name}, config: {cfg}}}]\n")
     rep = api.run(api.plan(str(tiny_dir), str(prof), data=str(tiny_text), eval_data=str(tiny_text)),

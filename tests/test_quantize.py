@@ -237,6 +237,34 @@ def test_masks_survive_init_block_ap_recovery_save_and_export(tmp_path):
     assert res["validation"]["exact_codes"]["max_rel_error"] < 1e-4
 
 
+@pytest.mark.parametrize("bits", ["4", "8"])
+def test_tied_head_codes_scales_and_zero_points_stored_once(tmp_path, bits):
+    import onnx
+
+    from exporters.onnx.export import ExportOptions, export_model
+
+    parent = _tiny_parent(tmp_path)
+    ctx = _ctx(tmp_path, parent, "q", _teacher(parent))
+    quantize(parent, _cfg(init="rtn", recovery="none", steps=0, embeddings=bits, embed_group_size=16), ctx)
+    out = tmp_path / "onnx"
+    out.mkdir()
+    res = export_model(ctx.out_dir, out, ExportOptions(greedy_tokens=8))
+    assert res["validation"]["exact_codes"]["max_rel_error"] < 1e-4 and res["validation"]["exact_codes"]["greedy_equal"]
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    names = [t.name for t in m.graph.initializer]
+    assert not [n for n in names if n.startswith("embed_tokens")]
+    head = {n: t for t in m.graph.initializer if (n := t.name).startswith("lm_head")}
+    assert sorted(head) == ["lm_head.qweight", "lm_head.qzeros", "lm_head.scales_fp16"]  # fp16-valued scales: half the bytes
+    kb = 64 // 16
+    assert int(np.prod(head["lm_head.scales_fp16"].dims)) == 320 * kb and head["lm_head.scales_fp16"].data_type == 10
+    assert int(np.prod(head["lm_head.qweight"].dims)) == 320 * 64 * int(bits) // 8
+    made_by = {o: n for n in m.graph.node for o in n.output}
+    (gather,) = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    views = [made_by[i].input[0] for k, i in enumerate(gather.input) if k != 1]
+    assert views[0] == "lm_head.qweight" and views[2] == "lm_head.qzeros"  # the embedding reads the head's tensors
+    assert made_by[views[1]].op_type == "Cast" and made_by[views[1]].input == ["lm_head.scales_fp16"]
+
+
 def test_block_ap_lowers_layer_error_and_never_keeps_a_worse_layer(tmp_path):
     parent = _tiny_parent(tmp_path)
     teacher = _teacher(parent)
@@ -323,6 +351,13 @@ def test_keeps_initialization_when_recovery_hurts(tmp_path):
     res = quantize(parent, cfg, _ctx(tmp_path, parent, "bad", teacher)).metrics["quantize"]["recovery"]
     assert res["kl_heldout_recovered"] > res["kl_heldout_init"]
     assert res["kept"] == "initialization"
+
+
+def test_group_falls_to_a_divisor_of_the_input_size():
+    cfg = QuantizeConfig.from_dict({"group_size": 128})
+    assert [cfg.group_for(k) for k in (576, 1536, 64, 48, 100)] == [64, 128, 64, 16, 128]  # 100: padded
+    parent_plan = QuantizeConfig.from_dict({"group_size": 32})
+    assert parent_plan.group_for(576) == 32
 
 
 def test_bad_configs_rejected():

@@ -84,8 +84,7 @@ def build_decoder(g: Graph, dw: DecoderWeights, *, dtype=np.float32, layout: Lay
     shape = g.op("Shape", [mask], "/mask/Shape")
     total_len = g.op("Cast", [g.op("Gather", [shape, g.const(1)], "/mask/Gather", axis=0)],
                      "/mask/total_len", to=TensorProto.INT32)
-    cos = g.initializer("cos_cache", dw.cos.astype(dtype))
-    sin = g.initializer("sin_cache", dw.sin.astype(dtype))
+    cos, sin = _rotary_tables(g, dw, dtype)
 
     head_fn = None
     if tied_head is not None:
@@ -168,3 +167,25 @@ def build_decoder(g: Graph, dw: DecoderWeights, *, dtype=np.float32, layout: Lay
         head = dw.embed if dw.tied else dw.lm_head
         g.node("MatMul", [x, g.initializer("lm_head.weight", np.ascontiguousarray(head.T).astype(dtype))],
                "/lm_head/MatMul", outputs=["logits"])
+
+
+def _rotary_tables(g: Graph, dw: DecoderWeights, dtype) -> tuple[str, str]:
+    """GroupQueryAttention's cos/sin caches: computed from ``inv_freq`` (32 numbers; ONNX Runtime
+    folds the constant subgraph when the session loads) where the model's tables are exactly
+    cos/sin(position x inv_freq) x scaling, else stored (2 x context x hd/2 numbers)."""
+    if dw.inv_freq is None:
+        return g.initializer("cos_cache", dw.cos.astype(dtype)), g.initializer("sin_cache", dw.sin.astype(dtype))
+    pos = g.op("Range", [g.const(0.0, np.float32, scalar=True), g.const(float(dw.context_length), np.float32, scalar=True),
+                         g.const(1.0, np.float32, scalar=True)], "/rotary/Range")
+    col = g.op("Unsqueeze", [pos, g.const([1])], "/rotary/Unsqueeze")
+    angles = g.op("Mul", [col, g.initializer("rotary.inv_freq", dw.inv_freq.reshape(1, -1))], "/rotary/Mul")
+    out = []
+    for fn in ("Cos", "Sin"):
+        t = g.op(fn, [angles], f"/rotary/{fn}")
+        if dw.rope_scaling != 1.0:
+            t = g.op("Mul", [t, g.const(dw.rope_scaling, np.float32)], f"/rotary/{fn}_scaling")
+        if dtype != np.float32:
+            t = g.op("Cast", [t], f"/rotary/{fn}_cast", to=TensorProto.FLOAT16)
+        out.append(t)
+    return out[0], out[1]
+

@@ -45,8 +45,10 @@ class Graph:
 
     # ---------------------------------------------------------------- tensors and values
 
-    def initializer(self, name: str, array: np.ndarray) -> str:
-        array = np.ascontiguousarray(array)
+    def initializer(self, name: str, array: np.ndarray, *, scalar: bool = False) -> str:
+        array = np.ascontiguousarray(array)  # (at least 1-d)
+        if scalar:
+            array = array.reshape(())
         if name in self._names:
             raise ValueError(f"duplicate graph name {name}")
         self._names.add(name)
@@ -68,11 +70,11 @@ class Graph:
         self.initializers.append(t)
         return name
 
-    def const(self, array, dtype=np.int64) -> str:
-        """A small constant (inline initializer) with a generated name."""
+    def const(self, array, dtype=np.int64, *, scalar: bool = False) -> str:
+        """A small constant (inline initializer) with a generated name; ``scalar``: of shape ()."""
         array = np.asarray(array, dtype=dtype)
         self._counter += 1
-        return self.initializer(f"const_{self._counter}", array)
+        return self.initializer(f"const_{self._counter}", array, scalar=scalar)
 
     def input(self, name: str, elem_type: int, shape: list) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))

@@ -69,11 +69,23 @@ def nbits_linear(fallback, accuracy_level: int, dtype=np.float32):
     return write
 
 
+def scales_input(g: Graph, name: str, scales: np.ndarray) -> str:
+    """The scales as the graph reads them: fp32 scales that are all fp16 values are stored as fp16
+    and cast back (the Cast of an initializer is folded when the session loads: half the bytes on
+    disk, the same numbers at run time)."""
+    if scales.dtype == np.float32:
+        half = scales.astype(np.float16)
+        if np.isfinite(half).all() and np.array_equal(half.astype(np.float32), scales):
+            stored = g.initializer(f"{name}.scales_fp16", half)
+            return g.op("Cast", [stored], f"/{name}/Cast_scales", to=1)
+    return g.initializer(f"{name}.scales", scales)
+
+
 def _matmul_nbits(g: Graph, x: str, t: dict, name: str, accuracy_level: int, b: str | None = None,
-                  output: str | None = None) -> str:
-    inputs = [x, b or g.initializer(f"{name}.qweight", t["B"]), g.initializer(f"{name}.scales", t["scales"])]
+                  output: str | None = None, scales: str | None = None, zeros: str | None = None) -> str:
+    inputs = [x, b or g.initializer(f"{name}.qweight", t["B"]), scales or scales_input(g, name, t["scales"])]
     if "zero_points" in t:
-        inputs.append(g.initializer(f"{name}.qzeros", t["zero_points"]))
+        inputs.append(zeros or g.initializer(f"{name}.qzeros", t["zero_points"]))
     attrs = dict(K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=accuracy_level)
     if output:
         g.node("MatMulNBits", inputs, f"/{name}/MatMulNBits", outputs=[output], domain=MS, **attrs)
@@ -91,30 +103,25 @@ def tied_head_nbits(dw: DecoderWeights, accuracy_level: int, dtype=np.float32):
         raise ValueError(f"embedding group {t['block_size']} must divide hidden size {t['K']}")
 
     def write(g: Graph, ids: str):
-        b = g.initializer("lm_head.qweight", t["B"])  # (V, kb, blob)
+        # One copy of codes, scales and zero points, in MatMulNBits' layout; the embedding reads
+        # 2-D views of them (Reshape of initializers, folded at load), which GatherBlockQuantized
+        # takes along its last axis with the same packing.
         v, kb = t["N"], t["K"] // t["block_size"]
-        inputs = [b, ids, g.initializer("embed_tokens.scales", t["scales"].reshape(v, kb, 1))]
+        b = g.initializer("lm_head.qweight", t["B"])  # (V, kb, blob)
+        scales = scales_input(g, "lm_head", t["scales"])
+        inputs = [g.op("Reshape", [b, g.const([v, -1])], "/embed_tokens/Reshape_codes"), ids,
+                  g.op("Reshape", [scales, g.const([v, kb])], "/embed_tokens/Reshape_scales")]
+        zeros = None
         if "zero_points" in t:
-            zp = head.zero.detach().round().numpy().astype(np.uint8).reshape(v, kb, 1)
-            if t["bits"] == 4:  # GatherBlockQuantized packs uint8 zero points like its data: two per byte
-                inputs.append(g.initializer("embed_tokens.qzeros", _pack_last_axis4(zp)))
-            else:
-                inputs.append(g.initializer("embed_tokens.qzeros", zp))
-        gathered = g.op("GatherBlockQuantized", inputs, "/embed_tokens/GatherBlockQuantized", domain=MS,
-                        gather_axis=0, quantize_axis=2, block_size=t["block_size"], bits=t["bits"])
-        hidden = g.op("Reshape", [gathered, g.const([0, 0, t["K"]])], "/embed_tokens/Reshape")
+            zeros = g.initializer("lm_head.qzeros", t["zero_points"])
+            inputs.append(g.op("Reshape", [zeros, g.const([v, -1])], "/embed_tokens/Reshape_zeros"))
+        hidden = g.op("GatherBlockQuantized", inputs, "/embed_tokens/GatherBlockQuantized", domain=MS,
+                      gather_axis=0, quantize_axis=1, block_size=t["block_size"], bits=t["bits"])
 
         def head_fn(x: str) -> None:
-            _matmul_nbits(g, x, t, "lm_head", accuracy_level, b=b, output="logits")
+            _matmul_nbits(g, x, t, "lm_head", accuracy_level, b=b, output="logits", scales=scales, zeros=zeros)
         return hidden, head_fn
     return write
-
-
-def _pack_last_axis4(a: np.ndarray) -> np.ndarray:
-    """uint8 values < 16 along the last axis, two per byte, low nibble first (odd length padded)."""
-    if a.shape[-1] % 2:
-        a = np.concatenate([a, np.zeros(a.shape[:-1] + (1,), dtype=a.dtype)], axis=-1)
-    return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
 
 
 def probe_2bit() -> dict[str, Any]:

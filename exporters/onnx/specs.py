@@ -65,6 +65,10 @@ class DecoderWeights:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     head_module: Any = None  # the torch lm_head (a QuantLinear when the tied head is quantized)
+    # ``cos``/``sin`` as cos/sin(position x inv_freq) x scaling, when they are exactly that (the graph
+    # then computes the tables instead of storing 2 x context_length x hd/2 numbers)
+    inv_freq: np.ndarray | None = None
+    rope_scaling: float = 1.0
 
     @property
     def num_layers(self) -> int:
@@ -126,6 +130,7 @@ class LlamaExportSpec:
             dummy = torch.zeros(1, 1, head_dim, dtype=torch.float32)
             cos, sin = inner.rotary_emb(dummy, pos)  # (1, ctx, hd), halves repeated
         half = head_dim // 2
+        inv_freq, scaling = _rotary_formula(inner.rotary_emb, _np(cos[0, :, :half]), _np(sin[0, :, :half]))
         embed = _np(inner.embed_tokens.weight)
         head = model.get_output_embeddings().weight
         # a quantized tied head is read through the embedding module (``head``), not shared storage
@@ -137,8 +142,25 @@ class LlamaExportSpec:
             embed=embed, lm_head=None if tied else _np(head), head_module=model.get_output_embeddings(), final_norm=_np(inner.norm.weight),
             cos=_np(cos[0, :, :half]), sin=_np(sin[0, :, :half]), layers=layers,
             bos_token_id=getattr(cfg, "bos_token_id", None), eos_token_id=getattr(cfg, "eos_token_id", None),
-            pad_token_id=getattr(cfg, "pad_token_id", None),
+            pad_token_id=getattr(cfg, "pad_token_id", None), inv_freq=inv_freq, rope_scaling=scaling,
         )
+
+
+def _rotary_formula(rotary, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """``(inv_freq, scaling)`` when the tables equal cos/sin(float32 position x inv_freq) x scaling,
+    as ONNX Runtime would compute them in the graph; ``(None, 1.0)`` otherwise."""
+    inv = getattr(rotary, "inv_freq", None)
+    if inv is None:
+        return None, 1.0
+    inv = _np(inv).astype(np.float32).reshape(-1)
+    scaling = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    if inv.shape[0] != cos.shape[1]:
+        return None, 1.0
+    angles = np.arange(cos.shape[0], dtype=np.float32)[:, None] * inv[None, :]
+    if (np.abs(np.cos(angles) * np.float32(scaling) - cos).max() > 1e-5
+            or np.abs(np.sin(angles) * np.float32(scaling) - sin).max() > 1e-5):
+        return None, 1.0
+    return inv, scaling
 
 
 _SPECS: dict[str, LlamaExportSpec] = {}

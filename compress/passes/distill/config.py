@@ -22,6 +22,9 @@ class DistillConfig(Config):
     squarehead: float = help_field(0.0, "weight of SquareHead (normalized per-block MSE, summed)")
     temperature: float = help_field(1.0, "softmax temperature of the KL terms")
 
+    def training_sequences(self) -> int:
+        return self.train.steps * self.train.batch_size * self.train.grad_accum
+
     def validate(self) -> None:
         if self.train.steps < 1:
             self._fail("train.steps", "must be at least 1")

@@ -8,8 +8,10 @@ register_pass(
     config=ExportOnnxConfig,
     entry="compress.passes.export_onnx.run:export_onnx",
     summary="export to ONNX (+ onnxruntime-genai config), validated: logits vs PyTorch, greedy tokens equal",
-    # algorithm 1: first release; 2: position_ids input (optimum, genai), tokenizer files copied verbatim
-    algorithm=2,
+    # algorithm 1: first release; 2: position_ids input (optimum, genai), tokenizer files copied verbatim;
+    # 3: rotary tables computed in the graph, fp16-valued scales stored as fp16, a quantized tied
+    # head's scales and zero points stored once
+    algorithm=3,
     accepts=("hf", "quantized"),
     produces="onnx",
 )

@@ -9,8 +9,9 @@ register_pass(
     entry="compress.passes.quantize.run:quantize",
     summary="group-wise int weights (RTN / clip search / GPTQ init, Block-AP, KD recovery: STE or PV)",
     # algorithm 1: first release; 2: Block-AP rolls a layer back when its calibration error does not drop
-    # (aa15d6f); 3: the parent's tokenizer files copied verbatim, sparsity masks in masks.safetensors
-    algorithm=3,
+    # (aa15d6f); 3: the parent's tokenizer files copied verbatim, sparsity masks in masks.safetensors;
+    # 4: groups fall to a divisor of the input size, scales rounded to fp16 values (fp16_scales)
+    algorithm=4,
     accepts=("hf",),
     produces="quantized",
     uses=("data", "teacher"),

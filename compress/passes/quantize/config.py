@@ -12,11 +12,14 @@ from ...training.section import TrainSection
 class QuantizeConfig(Config):
     """Weight-only group-wise quantization of every decoder Linear, then recovery distillation."""
 
-    VERSION: ClassVar[int] = 2  # config schema (2: the recovery training fields moved into `train`, threads to the target)
+    VERSION: ClassVar[int] = 3  # config schema (2: the recovery training fields moved into `train`, threads to the
+    # target; 3: embed_sym, fp16_scales, group_size falls to a divisor of the input size)
     SECTION: ClassVar[str] = "quantize"
 
     bits: int = help_field(4, "bits per decoder weight: 8, 4, 3 or 2 (3-bit codes export in 4-bit containers)")
-    group_size: int = help_field(128, "weights per scale along the input dimension (power of two, 16-256)")
+    group_size: int = help_field(
+        128, "weights per scale along the input dimension (power of two, 16-256); a Linear whose input size it "
+        "does not divide takes the largest power of two >= 16 that does (no zero-padded blocks)")
     sym: bool = help_field(False, "symmetric (zero point 2^(bits-1)) instead of integer zero points")
     bits_overrides: dict[str, Any] = help_field(
         {}, "regex on module names -> bits; {last} is the last layer's index, e.g. "
@@ -24,6 +27,9 @@ class QuantizeConfig(Config):
     embeddings: Literal["keep", "8", "4"] = help_field(
         "8", "tied embedding/lm_head: keep fp32, or 8/4-bit (one stored matrix serves both)")
     embed_group_size: int = help_field(32, "group size of the quantized embedding/head (must divide hidden_size)")
+    embed_sym: bool = help_field(False, "symmetric codes for the quantized embedding/head (no zero points)")
+    fp16_scales: bool = help_field(
+        True, "round every scale to an fp16 value at the end, so that the export stores scales in half the bytes")
     init: Literal["rtn", "clip", "gptq"] = help_field(
         "gptq", "initialization: rtn (min-max), clip (grid search on layer output error), gptq (no act-order)")
     calibration_blocks: int = help_field(32, "calibration sequences (of data.seq_len tokens) for clip/gptq/Block-AP")
@@ -89,6 +95,18 @@ class QuantizeConfig(Config):
             self._fail("kl", "at least one of kl, squarehead, ce must be > 0")
         if self.temperature <= 0:
             self._fail("temperature", "must be > 0")
+
+    def group_for(self, k: int) -> int:
+        """The group of a Linear with ``k`` inputs: ``group_size``, or the largest power of two >= 16
+        below it that divides ``k`` (``group_size`` itself when none does: the last block is padded)."""
+        g = self.group_size
+        while g > 16 and k % g:
+            g //= 2
+        return g if k % g == 0 else self.group_size
+
+    def training_sequences(self) -> int:
+        train = self.train.steps * self.train.batch_size * self.train.grad_accum if self.recovery != "none" else 0
+        return self.calibration_blocks + self.heldout_blocks + train
 
     def bits_for(self, name: str, num_layers: int) -> int:
         """Bits of one module: the first matching override (``{last}`` = the last layer's index)."""

@@ -135,7 +135,8 @@ def _layer_mse(layer, x_q, y_fp) -> float:
 def _plan_bits(model, cfg: QuantizeConfig) -> dict[str, LinearQuant]:
     arch = arch_of(model)
     n = len(arch.decoder_layers(model))
-    plan = {name: LinearQuant(cfg.bits_for(name, n), cfg.group_size, cfg.sym) for name in arch.linear_names(model)}
+    plan = {name: LinearQuant(cfg.bits_for(name, n), cfg.group_for(model.get_submodule(name).in_features), cfg.sym)
+            for name in arch.linear_names(model)}
     # packed exports (q|k|v, gate|up) need one format per pack
     for i in range(n):
         for pack in arch.pack_groups:
@@ -226,6 +227,8 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
     else:
         recovery["kept"] = "initialization"
 
+    if cfg.fp16_scales:
+        recovery["fp16_scales"] = _round_scales_fp16(student)
     info = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym, "init": cfg.init,
             "embeddings": cfg.embeddings, "recovery": cfg.recovery}
     save_quantized(student, ctx.out_dir, info)
@@ -247,6 +250,21 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
     )
 
 
+@torch.no_grad()
+def _round_scales_fp16(model) -> dict[str, int]:
+    """Round every module's scales to fp16 values (a Linear whose scales fp16 cannot hold, zero or
+    out of range, keeps fp32 ones); the weights move by at most 2^-11 of a step."""
+    rounded = kept = 0
+    for m in quant_modules(model).values():
+        s16 = m.scale.detach().half().float()
+        if torch.isfinite(s16).all() and bool((s16 > 0).all()):
+            m.scale.copy_(s16)
+            rounded += 1
+        else:
+            kept += 1
+    return {"rounded": rounded, "kept_fp32": kept}
+
+
 def _quantize_embeddings(model, cfg: QuantizeConfig) -> None:
     if cfg.embeddings == "keep":
         return
@@ -257,7 +275,7 @@ def _quantize_embeddings(model, cfg: QuantizeConfig) -> None:
     d = head.in_features
     if d % cfg.embed_group_size:
         raise UserError(f"embed_group_size {cfg.embed_group_size} does not divide hidden_size {d}")
-    q = LinearQuant(int(cfg.embeddings), cfg.embed_group_size, False)
+    q = LinearQuant(int(cfg.embeddings), cfg.embed_group_size, cfg.embed_sym)
     w = head.weight.detach().float()
     s, z = Q.minmax_params(w, q.bits, q.group, q.sym)
     lin = torch.nn.Linear(d, head.out_features, bias=False)
