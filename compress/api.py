@@ -84,7 +84,8 @@ def evaluate(
     specs = resolve_domains(ecfg.domains, paths, self_data_spec(source_id(gen.source), DataConfig(), "eval"))
     result = evaluate_domains(student, [(name, gen.stream(spec, max_tokens)) for name, spec in specs], window=window,
                               max_tokens=max_tokens, batch_size=batch_size,
-                              teacher=t_res.teacher() if t_res else None, progress=ui.progress)
+                              teacher=t_res.teacher if t_res else None,
+                              teacher_key=source_id(t_res.source) if t_res else None, progress=ui.progress)
     for name, spec in specs:
         result["domains"][name]["data"] = spec.label
     result["data"] = specs[0][1].label

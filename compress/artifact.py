@@ -130,14 +130,24 @@ def os_errors(what: Path) -> Iterator[None]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; what is written there replaces ``path`` on success
+    (fsynced first), and is removed on any error."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with os_errors(path):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
+            yield tmp
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:

@@ -144,7 +144,7 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
                     metrics = {**records[-1]["metrics"], "eval_seconds": None}
                 else:
                     with pipe.target.torch_threads():
-                        metrics = _stage_metrics(d, i, eval_key, domains, pipe.evaluation, res, ui)
+                        metrics = _stage_metrics(d, i, eval_key, domains, pipe.evaluation, res, ui, teacher_key=src_id)
                 records.append(stage_record(out, d, i, metrics, cached))
         if not ranks.is_main:
             return None
@@ -328,7 +328,7 @@ def _verify(spec: PassSpec, tmp: Path, inv: dict[str, Any]) -> None:
 
 
 def _stage_metrics(d: Path, index: int, key: str, domains: list[tuple[str, DataSpec]], ecfg: EvalConfig,
-                   res: Resources, ui: UI) -> dict:
+                   res: Resources, ui: UI, teacher_key: str | None = None) -> dict:
     """The stage's evaluation on every domain (cached in its metrics.json under ``key``): the first
     domain's figures at the top level, all of them under ``domains``, ratios under ``summary``."""
     path = d / METRICS
@@ -343,8 +343,8 @@ def _stage_metrics(d: Path, index: int, key: str, domains: list[tuple[str, DataS
         ui.log(f"[{d.name}] evaluating on {min(streams[-1][1].numel(), ecfg.max_tokens)} tokens of {name}")
     model = res.teacher() if index == 0 else load_for_eval(d)
     result = evaluate_domains(model, streams, window=ecfg.window, max_tokens=ecfg.max_tokens,
-                              batch_size=ecfg.batch_size, teacher=None if index == 0 else res.teacher(),
-                              is_teacher=index == 0, progress=ui.progress)
+                              batch_size=ecfg.batch_size, teacher=None if index == 0 else res.teacher,
+                              teacher_key=teacher_key, is_teacher=index == 0, progress=ui.progress)
     del model
     stored = {key: result}  # only the current evaluation settings are kept
     atomic_write_json(path, stored)

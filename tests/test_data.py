@@ -109,16 +109,20 @@ def test_self_data_is_sized_to_the_passes_needs():
 
     cfg = DataConfig(max_new_tokens=256)
     per = TOKENS_PER_ANSWER[0] + TOKENS_PER_ANSWER[1] * 256
-    assert self_prompt_count(cfg, 116) == -(-116 * 512 // int(per))  # cpu-4bit: 32 + 4 + 40 x 2 sequences
+    assert self_prompt_count(cfg, 84) == -(-84 * 512 // int(per))  # cpu-4bit: 4 held out + max(32 calibration, 40 x 2)
     assert self_prompt_count(cfg, 10) == 64  # a floor for variety
     assert self_prompt_count(cfg, 10**6) == len(split_prompts(10**9, 0)[0])  # at most the training half
     assert self_prompt_count(DataConfig(num_prompts=7), 10**6) == 7  # an explicit count wins
-    a, b = (self_data_spec("m", cfg, "train", n) for n in (116, 200))
+    a, b = (self_data_spec("m", cfg, "train", n) for n in (84, 200))
     assert a.fingerprint != b.fingerprint and a.prompts < b.prompts
     # the evaluation answers do not depend on how the training answers are sampled
     other = DataConfig(sampled=0.0, temperature=1.0)
     assert self_data_spec("m", cfg, "eval").fingerprint == self_data_spec("m", other, "eval").fingerprint
-    assert self_data_spec("m", cfg, "train", 116).fingerprint != self_data_spec("m", other, "train", 116).fingerprint
+    assert self_data_spec("m", cfg, "train", 84).fingerprint != self_data_spec("m", other, "train", 84).fingerprint
+    from compress.passes.quantize.config import QuantizeConfig
+
+    q = QuantizeConfig.from_dict({"calibration_blocks": 32, "heldout_blocks": 4, "steps": 40, "batch_size": 2})
+    assert q.training_sequences() == 84
 
 
 def test_half_the_training_prompts_are_sampled_and_sampling_is_seeded(tiny_dir, tok):

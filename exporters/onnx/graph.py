@@ -15,7 +15,8 @@ from onnx import TensorProto, helper
 
 MS = "com.microsoft"
 DATA_FILE = "model.onnx.data"
-_ALIGN = 4096
+_ALIGN = 64  # external-data offsets: cache-line aligned (ONNX Runtime maps unaligned offsets itself;
+# page alignment cost ~2 KB per tensor, 0.7 MB on a 4-bit 135M model)
 _SMALL = 1024  # tensors below this many bytes stay inside model.onnx
 
 NP_TO_ONNX = {

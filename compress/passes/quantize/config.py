@@ -105,8 +105,9 @@ class QuantizeConfig(Config):
         return g if k % g == 0 else self.group_size
 
     def training_sequences(self) -> int:
+        # calibration takes the first training sequences, recovery draws from all of them
         train = self.train.steps * self.train.batch_size * self.train.grad_accum if self.recovery != "none" else 0
-        return self.calibration_blocks + self.heldout_blocks + train
+        return self.heldout_blocks + max(self.calibration_blocks, train)
 
     def bits_for(self, name: str, num_layers: int) -> int:
         """Bits of one module: the first matching override (``{last}`` = the last layer's index)."""
