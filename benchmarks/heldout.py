@@ -54,8 +54,7 @@ def log(m: str) -> None:
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".onnx", ".data", ".gguf", ".safetensors")
-               or p.name.endswith(".onnx.data"))
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.suffix in (".onnx", ".data", ".gguf", ".safetensors"))
 
 
 def summarize(per: dict[str, dict]) -> dict[str, Any]:

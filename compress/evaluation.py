@@ -113,8 +113,7 @@ def teacher_reference(teacher, stream: torch.Tensor, *, window: int, max_tokens:
     model = teacher if isinstance(teacher, torch.nn.Module) or not callable(teacher) else teacher()
     ref = TeacherReference.compute(model, wins, batch_size, progress=progress)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ref.save(path)
+        ref.save(path)  # (atomic_output makes the folder)
     return ref
 
 
@@ -177,24 +176,22 @@ def evaluate_stream(
     finally:
         if bar:
             bar.close()
-    seconds = time.perf_counter() - start
-    nll = nll_sum / max(count, 1)
-    result = {
-        "perplexity": math.exp(nll),
-        "nll": nll,
-        "tokens": sum(w.numel() for w in wins),
-        "predicted_tokens": count,
-        "windows": len(wins),
-        "window": window,
-        "eval_seconds": seconds,
-        "tokens_per_second": sum(w.numel() for w in wins) / seconds if seconds > 0 else None,
-    }
+    result = _stream_result(wins, window, nll_sum, count, time.perf_counter() - start)
     if reference is not None:
         result["kl"] = kl_sum / max(count, 1)
         result["top1_agreement"] = agree_sum / max(count, 1)
         result["teacher_perplexity"] = math.exp(t_nll_sum / max(count, 1))  # the same windows: ratios need no rerun
         result["kl_topk"] = TEACHER_TOPK
     return result
+
+
+def _stream_result(wins: list[torch.Tensor], window: int, nll_sum: float, count: int, seconds: float) -> dict:
+    """Perplexity and the counts of one stream's evaluation (``count`` predicted tokens)."""
+    nll = nll_sum / max(count, 1)
+    tokens = sum(w.numel() for w in wins)
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": tokens, "predicted_tokens": count,
+            "windows": len(wins), "window": window, "eval_seconds": seconds,
+            "tokens_per_second": tokens / seconds if seconds > 0 else None}
 
 
 def evaluate_domains(model, streams: list[tuple[str, torch.Tensor]], *, window: int, max_tokens: int,
@@ -212,11 +209,10 @@ def evaluate_domains(model, streams: list[tuple[str, torch.Tensor]], *, window: 
             t0 = time.perf_counter()
             ref = teacher_reference(model, stream, window=window, max_tokens=max_tokens, batch_size=batch_size,
                                     key=teacher_key, progress=progress)
-            nll = sum(float(x.double().sum()) for x in ref.nll) / max(sum(x.numel() for x in ref.nll), 1)
-            wins = windows_of(stream, window, max_tokens)
-            r = {"perplexity": math.exp(nll), "nll": nll, "tokens": sum(w.numel() for w in wins),
-                 "predicted_tokens": sum(x.numel() for x in ref.nll), "windows": len(wins), "window": window,
-                 "eval_seconds": time.perf_counter() - t0, "kl": 0.0, "top1_agreement": 1.0, "teacher_perplexity": math.exp(nll)}
+            r = _stream_result(windows_of(stream, window, max_tokens), window,
+                               sum(float(x.double().sum()) for x in ref.nll), sum(x.numel() for x in ref.nll),
+                               time.perf_counter() - t0)
+            r.update(kl=0.0, top1_agreement=1.0, teacher_perplexity=r["perplexity"])
         else:
             ref = None if teacher is None else teacher_reference(
                 teacher, stream, window=window, max_tokens=max_tokens, batch_size=batch_size, key=teacher_key,
