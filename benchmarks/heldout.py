@@ -13,6 +13,8 @@ Rows
   (a fresh clone); the deployed ONNX export as evaluated by the pipeline itself.
 - `ours-wikitext`: the same with `--data wikitext-2/valid.txt` (the teacher's text mixed in at the
   default data.mix).
+- `ours` with `--set KEY=VALUE` (repeatable) and `--row NAME`: a variant of the default command,
+  e.g. GPTQ only: `--row "ours cpu-4bit, GPTQ only" --set quantize.train.steps=0 --set quantize.block_ap=off`.
 - `anchors`: the GenAI builder's int4 folder and llama.cpp (Q4_0 requantized from the shipped Q4_1
   GGUF, and the shipped Q4_1 itself; llama.cpp's own logits, so perplexity only), plus any
   `--extra NAME=ONNX_FOLDER` (e.g. earlier exports of ours), evaluated with `compress eval`'s code.
@@ -187,7 +189,11 @@ def main() -> int:
     ap.add_argument("--builder", type=Path, default=ROOT / "benchmarks" / "_work" / "anchors" / "builder-int4")
     ap.add_argument("--extra", action="append", default=[], help="NAME=ONNX_FOLDER, evaluated like the builder's")
     ap.add_argument("--out", type=Path, default=RESULT)
+    ap.add_argument("--set", action="append", default=[], dest="sets", help="KEY=VALUE override of an ours row")
+    ap.add_argument("--row", help="name of an ours row run with --set")
     args = ap.parse_args()
+    if args.sets and not args.row:
+        ap.error("--set needs --row NAME (a variant is its own row)")
     args.work.mkdir(parents=True, exist_ok=True)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"benchmark": "heldout", "rows": {}}
     from importlib.metadata import version
@@ -203,11 +209,15 @@ def main() -> int:
         result["rows"][row["row"]] = row
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    if args.only == "ours":
+    sets = [a for kv in args.sets for a in ("--set", kv)]
+    if args.only == "ours" and args.row:
+        slug = "cpu-4bit-" + "".join(c if c.isalnum() else "-" for c in args.row.lower()).strip("-")[:60]
+        save(pipeline_row(args.row, slug, args.repo, args.work, sets))
+    elif args.only == "ours":
         save(pipeline_row("ours cpu-4bit (default: the teacher's own text)", "cpu-4bit", args.repo, args.work, []))
     elif args.only == "ours-wikitext":
-        save(pipeline_row("ours cpu-4bit --data wikitext-2 valid", "cpu-4bit-wikitext", args.repo, args.work,
-                          ["--data", str(DATA / "valid.txt")]))
+        save(pipeline_row(args.row or "ours cpu-4bit --data wikitext-2 valid", "cpu-4bit-wikitext", args.repo,
+                          args.work, ["--data", str(DATA / "valid.txt"), *sets]))
     elif args.only == "anchors":
         from compress.models import model_folder
         from compress.sources import resolve_source_ref

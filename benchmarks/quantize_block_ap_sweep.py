@@ -9,6 +9,8 @@ the pass. Nothing here touches the test split.
 
     python benchmarks/quantize_block_ap_sweep.py --bits 3 --layers 2,12 \\
         '{"old": {"block_ap_lr": 1e-4, "block_ap_weight_lr": 1e-5}, "new": {}}'
+    python benchmarks/quantize_block_ap_sweep.py --bits 4 --layers 2,12,25 \\
+        '{"fp32": {}, "bf16": {"bf16": true}}'   # bf16 autocast (measure per CPU)
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def main() -> int:
         y = run_layer(model.model.layers[li], x)
         x_train, y_train, x_held, y_held = x[:8], y[:8], x[8:], y[8:]  # 8 batches of 4 = 32 sequences
         for name, over in settings.items():
+            over = dict(over)
+            bf16 = bool(over.pop("bf16", False))  # Block-AP matmuls under bf16 autocast
             cfg = QuantizeConfig.from_dict({"bits": args.bits, "group_size": args.group, "init": "rtn",
                                             "block_ap": "on", **over})
             layer = copy.deepcopy(model.model.layers[li])
@@ -67,8 +71,8 @@ def main() -> int:
             held_before = R._layer_mse(layer, x_held, y_held)
             t = time.perf_counter()
             with torch.enable_grad():
-                rec = R.block_ap(layer, x_train, y_train, cfg, 7)
-            run = {"bits": args.bits, "group": args.group, "layer": li, "name": name, "settings": over,
+                rec = R.block_ap(layer, x_train, y_train, cfg, 7, bf16=bf16)
+            run = {"bits": args.bits, "group": args.group, "layer": li, "name": name, "settings": over, "bf16": bf16,
                    "steps": cfg.block_ap_steps, "lr_scales": cfg.block_ap_lr, "lr_weights": cfg.block_ap_weight_lr,
                    "train_mse_before": rec["mse_calib_before"], "train_mse_after": rec["mse_calib_after"],
                    "held_mse_before": held_before, "held_mse_after": R._layer_mse(layer, x_held, y_held),

@@ -24,6 +24,7 @@ from .artifact import atomic_write_text, hash_parts
 from .cache import cache_dir, cached_digest
 from .config import DataConfig
 from .errors import UserError, one_line
+from .generation import GENERATION_VERSION
 from .prompts import PROMPT_SET_VERSION, split_prompts
 
 TEXT_SUFFIXES = (".txt",)
@@ -94,8 +95,11 @@ def self_data_spec(model_id: str, cfg: DataConfig, split: str, sequences: int | 
     ``answers`` domain); ``"train"``: answers to ``self_prompt_count`` training prompts."""
     if split == "train":
         count = self_prompt_count(cfg, sequences)
+        # sampled answers depend on the generation loop's random stream: its version keys them (greedy
+        # ones are argmax by definition, the same tokens as transformers' generate: tested)
         key = hash_parts("self", model_id, str(PROMPT_SET_VERSION), split, str(count), str(cfg.max_new_tokens),
-                         repr(cfg.sampled), repr(cfg.temperature), repr(cfg.top_p), str(cfg.seed))
+                         repr(cfg.sampled), repr(cfg.temperature), repr(cfg.top_p), str(cfg.seed),
+                         *((f"gen{GENERATION_VERSION}",) if cfg.sampled else ()))
         how = f"{round(100 * cfg.sampled)}% sampled at T={cfg.temperature:g}" if cfg.sampled else "greedy"
     else:
         count = cfg.eval_prompts
@@ -257,10 +261,13 @@ def generate_answers(model, tokenizer, prompts: list[str], cfg: DataConfig, prog
     are dropped; an answer cut at ``max_new_tokens`` is marked unfinished."""
     import torch
 
+    from .generation import generate
+
     rendered = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
         for p in prompts
     ]
+    eos = stop_ids(model, tokenizer)
     answers: dict[int, tuple[str, bool]] = {}
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -272,19 +279,13 @@ def generate_answers(model, tokenizer, prompts: list[str], cfg: DataConfig, prog
     try:
         for b, (sample, batch) in enumerate(batches):
             enc = tokenizer([rendered[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-            kwargs: dict[str, Any] = dict(do_sample=False)
+            gen = None
             if sample:
-                torch.manual_seed(cfg.seed * 100_003 + b)
-                kwargs = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc, max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, **kwargs,
-                )
-            new = out[:, enc["input_ids"].shape[1]:]
+                gen = torch.Generator().manual_seed(cfg.seed * 100_003 + b)
+            new = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+                           eos_ids=eos, sample=sample, temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
             for row, i in zip(new, batch):
-                finished = bool((row == tokenizer.eos_token_id).any())
+                finished = bool(row) and row[-1] in eos
                 answers[i] = (tokenizer.decode(row, skip_special_tokens=True).strip(), finished)
             if bar:
                 bar.update(len(batch))
@@ -304,6 +305,14 @@ def generate_answers(model, tokenizer, prompts: list[str], cfg: DataConfig, prog
             "finished": finished,
         })
     return rows
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the model's generation config's."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+    return sorted(ids)
 
 
 def mix_blocks(user, own, share: float):

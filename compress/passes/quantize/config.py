@@ -48,8 +48,9 @@ class QuantizeConfig(Config):
         "scales", "end-to-end recovery: scales (codes frozen; scales, zero points, norms trained: EfficientQAT E2E-QP), "
         "ste (+ straight-through weights), pv (PV-Tuning: + capped discrete code updates), none")
     train: TrainSection = help_field(
-        TrainSection(steps=100, lr=2e-4, warmup_steps=5, batch_size=2, bf16="off"),
-        "recovery training: steps, lr (scales, zero points, norms), schedule, batch, clipping, checkpoints, seed")
+        TrainSection(steps=100, lr=2e-4, warmup_steps=5, batch_size=2),
+        "recovery training: steps, lr (scales, zero points, norms), schedule, batch, clipping, checkpoints, seed; "
+        "bf16 also covers Block-AP")
     weight_lr: float = help_field(1e-5, "recovery learning rate of the straight-through weights (ste / pv)")
     train_norms: bool = help_field(True, "also train RMSNorm weights during recovery")
     pv_max_change: float = help_field(0.01, "pv: largest fraction of codes re-rounded per step")

@@ -66,9 +66,10 @@ def _row(kw: dict, i: int, batch: int) -> dict:
     return {k: cut(v) for k, v in kw.items()}
 
 
-def block_ap(layer, x_q, y_fp, cfg: QuantizeConfig, seed: int) -> dict:
+def block_ap(layer, x_q, y_fp, cfg: QuantizeConfig, seed: int, bf16: bool = False) -> dict:
     """Train one layer's quantized weights (straight-through), scales and zero points to map
-    the quantized-path inputs onto the full-precision outputs (MSE)."""
+    the quantized-path inputs onto the full-precision outputs (MSE). ``bf16``: matmuls under bf16
+    autocast (the loss, the optimizer and the before/after errors stay float32)."""
     mods = [m for m in layer.modules() if isinstance(m, QuantLinear)]
     before = _layer_mse(layer, x_q, y_fp)
     snap = {id(m): (m.codes.clone(), m.scale.detach().clone(), m.zero.detach().clone()) for m in mods}
@@ -95,9 +96,10 @@ def block_ap(layer, x_q, y_fp, cfg: QuantizeConfig, seed: int) -> dict:
         loss = 0.0
         for i in idx:
             h, kw = seqs[i]
-            y = layer(h, **kw)
+            with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=bf16):
+                y = layer(h, **kw)
             y = y[0] if isinstance(y, tuple) else y
-            loss = loss + F.mse_loss(y, targets[i]) / len(idx)
+            loss = loss + F.mse_loss(y.float(), targets[i]) / len(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 0.3)
@@ -167,8 +169,11 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
     teacher = ctx.load_teacher()
     kl_fp = _heldout_kl(student, teacher, held)
 
-    # 1-3: layer by layer
-    summary: dict[str, Any] = {"init": cfg.init, "layers": []}
+    # 1-3: layer by layer (Block-AP and recovery take bf16 autocast where train.bf16 resolves on)
+    from ...hardware import resolve_bf16
+
+    bf16, bf16_why = resolve_bf16(cfg.train.bf16)
+    summary: dict[str, Any] = {"init": cfg.init, "layers": [], "bf16": bf16, "bf16_reason": bf16_why}
     need_stats = cfg.init in ("gptq", "clip")
     any_ap = any(cfg.use_block_ap(q.bits) for q in plan.values()) and cfg.block_ap_steps > 0
     layers = arch.decoder_layers(student)
@@ -195,7 +200,8 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
             rec = {"layer": i, "init_rel_error": errs}
             if any_ap and cfg.use_block_ap(min(layer_bits)):
                 with torch.enable_grad():
-                    rec["block_ap"] = block_ap(layer, step.inputs, step.reference, cfg, cfg.train.seed * 1000 + i)
+                    rec["block_ap"] = block_ap(layer, step.inputs, step.reference, cfg, cfg.train.seed * 1000 + i,
+                                              bf16=bf16)
             summary["layers"].append(rec)
             if bar:
                 bar.update(1)
