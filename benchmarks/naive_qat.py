@@ -6,8 +6,9 @@ RTN 4-bit g128 asymmetric start on every decoder Linear (embeddings and head sta
 straight-through latent weights at lr 1e-5 and learned scales/zero points at 1e-4 (AdamW,
 constant), forward KL to the fp32 teacher, bf16 autocast when this CPU is fast at it (measured,
 as the product decides), batches of 4 x 512 tokens of wikitext-2 *valid*. Evaluated (PyTorch
-fake-quant) on the first 40,960 wikitext-2 *test* tokens at each step in ``--eval-at``, and at
-the end on the held-out domains of benchmarks/heldout.py. Wall time is training only.
+fake-quant) at each step in ``--eval-at`` on the first 40,960 wikitext-2 *test* tokens (the
+issue's protocol) and on the four held-out domains of benchmarks/heldout.py (16,384 tokens each,
+the same windows and teacher references as every row there). Wall time is training only.
 
     python benchmarks/naive_qat.py --steps 100 --eval-at 50,100
 Result: benchmarks/results/naive_qat.json
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 
 
@@ -52,7 +54,9 @@ def main() -> int:
     ap.add_argument("--eval-tokens", type=int, default=40960)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "naive_qat.json")
     args = ap.parse_args()
-    from compress.evaluation import evaluate_stream
+    from heldout import domain_streams, summarize
+
+    from compress.evaluation import evaluate_stream, teacher_reference
     from compress.hardware import fast_bf16
     from compress.models import load_model, load_tokenizer, model_folder
     from compress.sources import resolve_source_ref
@@ -73,6 +77,8 @@ def main() -> int:
     train = torch.tensor(tok((DATA / "valid.txt").read_text(), add_special_tokens=False)["input_ids"])
     blocks = train[: train.numel() // 512 * 512].view(-1, 512)
     test = torch.tensor(tok((DATA / "test.txt").read_text(), add_special_tokens=False)["input_ids"])
+    streams = {"wikitext-2-test-40960": (test, args.eval_tokens), **{n: (x, 16384) for n, x in domain_streams(folder).items()}}
+    refs = {n: teacher_reference(teacher, x, window=512, max_tokens=k) for n, (x, k) in streams.items()}
     bf16, why = fast_bf16()
     auto = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
     evals, seconds, g = [], 0.0, torch.Generator().manual_seed(0)
@@ -96,10 +102,15 @@ def main() -> int:
         seconds += time.perf_counter() - t
         print(f"step {step} loss {loss.item():.4f} {seconds:.0f} s", file=sys.stderr, flush=True)
         if step in at:
-            r = evaluate_stream(student, test, window=512, max_tokens=args.eval_tokens, teacher=teacher)
+            per = {}
+            for n, (x, k) in streams.items():
+                r = evaluate_stream(student, x, window=512, max_tokens=k, reference=refs[n])
+                per[n] = {key: r[key] for key in ("perplexity", "teacher_perplexity", "kl", "top1_agreement", "tokens")}
+            r = per.pop("wikitext-2-test-40960")
             evals.append({"step": step, "tokens_trained": step * 4 * 512, "train_seconds": round(seconds, 1),
                           "perplexity": r["perplexity"], "ratio": r["perplexity"] / r["teacher_perplexity"],
-                          "kl": r["kl"], "top1_agreement": r["top1_agreement"]})
+                          "kl": r["kl"], "top1_agreement": r["top1_agreement"],
+                          "heldout": {"domains": per, "summary": summarize(per)}})
             print(json.dumps(evals[-1]), file=sys.stderr, flush=True)
     result = {"benchmark": "naive_qat", "date": time.strftime("%Y-%m-%d"), "bf16": bf16, "bf16_reason": why,
               "recipe": "RTN 4-bit g128 asym start, decoder Linears only (embeddings/head fp32), STE weights lr 1e-5, "

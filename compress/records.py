@@ -29,6 +29,7 @@ def stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool) ->
         "perplexity": metrics.get("perplexity"),
         "kl": metrics.get("kl"),
         "top1_agreement": metrics.get("top1_agreement"),
+        "kl_topk": metrics.get("kl_topk"),  # the teacher's top-k the KL is taken over (+ one tail bucket)
         "eval_tokens": metrics.get("tokens"),
         "eval_seconds": metrics.get("eval_seconds"),
         # every held-out domain: perplexity, the teacher's on the same windows, KL, agreement

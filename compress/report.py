@@ -150,7 +150,8 @@ def summary_table(report: dict[str, Any]) -> list[str]:
         lines += ["", "Held-out domains (none used for calibration or training), the compressed model against the "
                   "teacher on the same windows:", "", *doms]
     lines += ["", f"Perplexity and KL: up to {ev['max_tokens']} tokens of each domain ({tokens} of the first, "
-              f"{ev['data']}), never trained on; KL over the teacher's 256 most likely tokens at each position plus "
+              f"{ev['data']}), never trained on; KL over the teacher's {c.get('kl_topk') or 'k'} most likely tokens at "
+              "each position plus "
               "the rest of the vocabulary as one bucket (a lower bound of the full KL). "
               "Latency: median of the timed runs of this run, one process per system; the teacher runs as it was "
               "given (PyTorch eager), the compressed model as deployed."]

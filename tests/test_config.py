@@ -97,7 +97,7 @@ def test_embedded_training_section_merges_over_the_pass_defaults():
     q = get_pass("quantize").config
     d = get_pass("distill").config
     # each pass has its own training defaults; a partial section keeps the rest of them
-    assert q().train.lr == 2e-4 and q().train.bf16 == "auto" and d().train.lr == 2e-5 and d().train.bf16 == "auto"
+    assert q().train.lr == 2e-4 and q().train.bf16 == "off" and d().train.lr == 2e-5 and d().train.bf16 == "auto"
     cfg = q.from_dict({"train": {"steps": 7}})
     assert cfg.train.steps == 7 and cfg.train.lr == 2e-4 and cfg.train.batch_size == 2
     # flat (unambiguous) and dotted keys reach the section; the canonical form is nested

@@ -67,6 +67,9 @@ def test_pipeline_reports_every_domain(tiny_dir, tiny_text, tmp_path):
         assert d["teacher_perplexity"] == pytest.approx(src["domains"][name]["perplexity"], rel=1e-6)
     md = (tmp_path / "run" / "report.md").read_text()
     assert "| **geometric mean** |" in md and "| python-docs |" in md and "standard library source code" in md
+    from compress.evaluation import TEACHER_TOPK
+
+    assert dst["kl_topk"] == TEACHER_TOPK and f"teacher's {TEACHER_TOPK} most likely tokens" in md  # as recorded
 
 
 def test_cli_eval_several_domains(tiny_dir, tiny_text, tmp_path):

@@ -70,8 +70,10 @@ def golden():
 def test_output_matches_the_golden_of_this_version(name, golden, tiny_dir, tiny_text, tmp_path):
     spec = get_pass(name)
     prof = tmp_path / "golden.yaml"
-    # the pass's defaults, but bf16 pinned off: `auto` resolves per machine (measured), not per algorithm
-    cfg = "{train: {bf16: 'off'}}" if "train" in spec.config.sections() else "{}"
+    # the pass's defaults, but bf16 pinned off (train.bf16, quantize's block_ap_bf16): `auto` resolves per
+    # machine (measured), not per algorithm
+    pinned = [f"{k}: 'off'" for k in ("block_ap_bf16",) if k in spec.config.__dataclass_fields__]
+    cfg = "{" + ", ".join((["train: {bf16: 'off'}"] if "train" in spec.config.sections() else []) + pinned) + "}"
     prof.write_text("description: golden\ntarget: {name: cpu, threads: 1}\ndata: {seq_len: 64, mix: 0}\n"
                     "evaluation: {max_tokens: 256, window: 64, domains: [python-code]}\n"
                     f"passes: [{{name: {name}, config: {cfg}}}]\n")

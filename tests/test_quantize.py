@@ -265,13 +265,16 @@ def test_tied_head_codes_scales_and_zero_points_stored_once(tmp_path, bits):
     assert made_by[views[1]].op_type == "Cast" and made_by[views[1]].input == ["lm_head.scales_fp16"]
 
 
-def test_block_ap_lowers_layer_error_and_never_keeps_a_worse_layer(tmp_path):
+@pytest.mark.parametrize("bf16", ["off", "on"])
+def test_block_ap_lowers_layer_error_and_never_keeps_a_worse_layer(tmp_path, bf16):
     parent = _tiny_parent(tmp_path)
     teacher = _teacher(parent)
     cfg = _cfg(bits=2, group_size=32, init="rtn", block_ap="on", block_ap_steps=12, block_ap_lr=1e-3,
-               block_ap_weight_lr=1e-3, recovery="none", embeddings="keep")
+               block_ap_weight_lr=1e-3, recovery="none", embeddings="keep", block_ap_bf16=bf16)
     ctx = _ctx(tmp_path, parent, "ap", teacher)
-    layers = quantize(parent, cfg, ctx).metrics["quantize"]["layers"]
+    metrics = quantize(parent, cfg, ctx).metrics["quantize"]
+    assert metrics["block_ap_bf16"] is (bf16 == "on")
+    layers = metrics["layers"]
     recs = [r["block_ap"] for r in layers]
     assert len(recs) == len(teacher.model.layers)
     for r in recs:

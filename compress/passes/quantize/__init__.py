@@ -11,7 +11,7 @@ register_pass(
     # algorithm 1: first release; 2: Block-AP rolls a layer back when its calibration error does not drop
     # (aa15d6f); 3: the parent's tokenizer files copied verbatim, sparsity masks in masks.safetensors;
     # 4: groups fall to a divisor of the input size, scales rounded to fp16 values (fp16_scales);
-    # 5: Block-AP runs under train.bf16 too (its default now auto: bf16 where measured fast)
+    # 5: Block-AP under bf16 autocast where measured fast (block_ap_bf16: auto)
     algorithm=5,
     accepts=("hf",),
     produces="quantized",

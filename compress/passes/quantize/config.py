@@ -12,8 +12,8 @@ from ...training.section import TrainSection
 class QuantizeConfig(Config):
     """Weight-only group-wise quantization of every decoder Linear, then recovery distillation."""
 
-    VERSION: ClassVar[int] = 3  # config schema (2: the recovery training fields moved into `train`, threads to the
-    # target; 3: embed_sym, fp16_scales, group_size falls to a divisor of the input size)
+    VERSION: ClassVar[int] = 4  # config schema (2: the recovery training fields moved into `train`, threads to the
+    # target; 3: embed_sym, fp16_scales, group_size falls to a divisor of the input size; 4: block_ap_bf16)
     SECTION: ClassVar[str] = "quantize"
 
     bits: int = help_field(4, "bits per decoder weight: 8, 4, 3 or 2 (3-bit codes export in 4-bit containers)")
@@ -44,13 +44,15 @@ class QuantizeConfig(Config):
     block_ap_weight_lr: float = help_field(
         3e-3, "Block-AP learning rate of the straight-through weights (0 = train scales and zero points only)")
     block_ap_batch: int = help_field(2, "Block-AP sequences per step")
+    block_ap_bf16: Literal["auto", "on", "off"] = help_field(
+        "auto", "Block-AP matmuls under bf16 autocast: auto = where this machine measured bf16 fast")
     recovery: Literal["ste", "pv", "scales", "none"] = help_field(
         "scales", "end-to-end recovery: scales (codes frozen; scales, zero points, norms trained: EfficientQAT E2E-QP), "
         "ste (+ straight-through weights), pv (PV-Tuning: + capped discrete code updates), none")
     train: TrainSection = help_field(
-        TrainSection(steps=100, lr=2e-4, warmup_steps=5, batch_size=2),
-        "recovery training: steps, lr (scales, zero points, norms), schedule, batch, clipping, checkpoints, seed; "
-        "bf16 also covers Block-AP")
+        TrainSection(steps=100, lr=2e-4, warmup_steps=5, batch_size=2, bf16="off"),
+        "recovery training: steps, lr (scales, zero points, norms), schedule, batch, clipping, checkpoints, seed "
+        "(bf16 off: a scale step is below bf16's resolution of the weight, measured to undo the recovery)")
     weight_lr: float = help_field(1e-5, "recovery learning rate of the straight-through weights (ste / pv)")
     train_norms: bool = help_field(True, "also train RMSNorm weights during recovery")
     pv_max_change: float = help_field(0.01, "pv: largest fraction of codes re-rounded per step")

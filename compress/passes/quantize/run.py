@@ -169,11 +169,11 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
     teacher = ctx.load_teacher()
     kl_fp = _heldout_kl(student, teacher, held)
 
-    # 1-3: layer by layer (Block-AP and recovery take bf16 autocast where train.bf16 resolves on)
+    # 1-3: layer by layer (Block-AP under bf16 autocast where block_ap_bf16 resolves on)
     from ...hardware import resolve_bf16
 
-    bf16, bf16_why = resolve_bf16(cfg.train.bf16)
-    summary: dict[str, Any] = {"init": cfg.init, "layers": [], "bf16": bf16, "bf16_reason": bf16_why}
+    bf16, bf16_why = resolve_bf16(cfg.block_ap_bf16)
+    summary: dict[str, Any] = {"init": cfg.init, "layers": [], "block_ap_bf16": bf16, "block_ap_bf16_reason": bf16_why}
     need_stats = cfg.init in ("gptq", "clip")
     any_ap = any(cfg.use_block_ap(q.bits) for q in plan.values()) and cfg.block_ap_steps > 0
     layers = arch.decoder_layers(student)
