@@ -10,7 +10,8 @@ fake-quant) at each step in ``--eval-at`` on the first 40,960 wikitext-2 *test* 
 issue's protocol) and on the four held-out domains of benchmarks/heldout.py (16,384 tokens each,
 the same windows and teacher references as every row there). Wall time is training only.
 
-    python benchmarks/naive_qat.py --steps 100 --eval-at 50,100
+    COMPRESS_CACHE_DIR=benchmarks/_work/heldout/cpu-4bit-cache python benchmarks/naive_qat.py --steps 100 --eval-at 50,100
+(the cache of a heldout.py `ours` run holds the `answers` domain's text and the teacher's references)
 Result: benchmarks/results/naive_qat.json
 """
 
@@ -59,7 +60,7 @@ def main() -> int:
     from compress.evaluation import evaluate_stream, teacher_reference
     from compress.hardware import fast_bf16
     from compress.models import load_model, load_tokenizer, model_folder
-    from compress.sources import resolve_source_ref
+    from compress.sources import resolve_source_ref, source_id
 
     torch.set_num_threads(2)
     folder = model_folder(resolve_source_ref(None), quiet=True)
@@ -78,7 +79,9 @@ def main() -> int:
     blocks = train[: train.numel() // 512 * 512].view(-1, 512)
     test = torch.tensor(tok((DATA / "test.txt").read_text(), add_special_tokens=False)["input_ids"])
     streams = {"wikitext-2-test-40960": (test, args.eval_tokens), **{n: (x, 16384) for n, x in domain_streams(folder).items()}}
-    refs = {n: teacher_reference(teacher, x, window=512, max_tokens=k) for n, (x, k) in streams.items()}
+    # the teacher's references, from the cache a pipeline run left (COMPRESS_CACHE_DIR) where it has them
+    key = source_id(resolve_source_ref(None))
+    refs = {n: teacher_reference(teacher, x, window=512, max_tokens=k, key=key) for n, (x, k) in streams.items()}
     bf16, why = fast_bf16()
     auto = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
     evals, seconds, g = [], 0.0, torch.Generator().manual_seed(0)
