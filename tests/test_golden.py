@@ -10,8 +10,12 @@ folder would silently reuse the stale stage. Bump the pass's ``algorithm`` in it
     COMPRESS_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
 
 Recording refuses to overwrite a golden of the same version with a different output.
-Tolerance: logits within 2e-3 of their scale — far below what an algorithm change moves
-(a different GPTQ damping, one more recovery step), above float noise between CPUs.
+Goldens are kept per CPU class (AVX-512 / AVX2-only: the matmul kernels sum in different orders,
+and training amplifies that): the distill golden recorded on an AVX-512 CPU reads 4.7e-3 of
+scale off on an AVX2-only one, while one more training step moves it 3.2e-4 on the same CPU.
+Tolerance: logits within 1e-3 of their scale against this class's golden (ten more distill steps
+move 1.9e-3; CPUs of one class may still differ a little); against the other class's, where this
+class has none yet, 1e-2 (and the recording adds this class's).
 """
 
 from __future__ import annotations
@@ -30,7 +34,20 @@ from test_contract import BUILTIN
 
 GOLDEN = Path(__file__).parent / "golden.json"
 UPDATE = os.environ.get("COMPRESS_UPDATE_GOLDEN") == "1"
-RTOL = 2e-3
+RTOL = 1e-3  # against the golden of this CPU class
+RTOL_OTHER_CPU = 1e-2  # against another class's golden (float noise of another CPU, amplified by training)
+
+
+def cpu_class() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "other"
+    return "avx512" if " avx512f" in flags else "avx2"
+
+
+def golden_key(name: str, cls: str) -> str:
+    return name if cls == "avx512" else f"{name}@{cls}"  # the first goldens were recorded on AVX-512
 
 
 def fingerprint(folder: Path) -> dict:
@@ -51,10 +68,10 @@ def fingerprint(folder: Path) -> dict:
     return fp
 
 
-def _close(a: dict, b: dict) -> bool:
+def _close(a: dict, b: dict, rtol: float = RTOL) -> bool:
     if a.keys() != b.keys() or a["format"] != b["format"] or a.get("ops") != b.get("ops"):
         return False
-    tol = RTOL * max(b["scale"], 1e-6)
+    tol = rtol * max(b["scale"], 1e-6)
     return len(a["logits"]) == len(b["logits"]) and all(abs(x - y) <= tol for x, y in zip(a["logits"], b["logits"]))
 
 
@@ -80,14 +97,24 @@ def test_output_matches_the_golden_of_this_version(name, golden, tiny_dir, tiny_
     rep = api.run(api.plan(str(tiny_dir), str(prof), data=str(tiny_text), eval_data=str(tiny_text)),
                   tmp_path / "run", quiet=True)
     fp = {"version": spec.version, **fingerprint(tmp_path / "run" / rep["stages"][1]["path"])}
-    old = golden.get(name)
+    key = golden_key(name, cpu_class())
+    old, rtol = golden.get(key), RTOL
+    if old is None:  # no golden of this CPU class yet: another class's, at its noise
+        others = [v for k, v in golden.items() if k.split("@")[0] == name]
+        if others and others[0]["version"] == spec.version:
+            old, rtol = others[0], RTOL_OTHER_CPU
+            if UPDATE and _close(fp, old, rtol):
+                golden[key] = fp
+                return
     if old is None or old["version"] != spec.version:
         if UPDATE:
-            golden[name] = fp
+            for k in [k for k in golden if k.split("@")[0] == name]:  # a new version: other classes re-record
+                del golden[k]
+            golden[key] = fp
             return
         pytest.fail(f"pass {name} is at version {spec.version}, its golden output at "
                     f"{old['version'] if old else 'none'}: record it (COMPRESS_UPDATE_GOLDEN=1, see this file)")
-    if not _close(fp, old):
+    if not _close(fp, old, rtol):
         pytest.fail(f"the output of pass {name} changed under the same version {spec.version}: bump its algorithm "
                     f"version in compress/passes/{name}/__init__.py (stale cached stages would be reused), then "
                     "record the new golden (COMPRESS_UPDATE_GOLDEN=1)")
