@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .artifact import Artifact, read_artifact, staging_dir
+from .artifact import Artifact, read_artifact, remove_stale_temps, staging_dir
 from .config import DataConfig, EvalConfig
 from .context import PassContext
 from .data import self_data_spec, user_data_spec
@@ -27,7 +27,7 @@ from .plan import Plan, check_accepts, plan, source_format, stage_id
 from .report import now
 from .resources import Resources
 from .runner import execute_stage, load_for_eval, run, source_artifact, stage_is
-from .sources import SourceRef, resolve_source_ref, source_id
+from .sources import SourceRef, check_fits_context, resolve_source_ref, source_id
 from .ui import UI
 
 __all__ = ["Plan", "evaluate", "export", "plan", "profile", "run"]
@@ -66,6 +66,7 @@ def evaluate(
     ecfg = EvalConfig(max_tokens=max_tokens, window=window, batch_size=batch_size, domains=tuple(domains))
     ui = UI(quiet)
     ref = resolve_source_ref(model)
+    check_fits_context(ref, window, "--window")
     for p in paths:
         user_data_spec(p, "eval")  # a missing or bad path fails before any model loads
     teacher_ref = resolve_source_ref(teacher) if teacher else None
@@ -120,6 +121,7 @@ def export(
     if stage_is(out, export_id):
         ui.log(f"{out} already holds this export (id {export_id}); nothing to do")
         return _export_result(read_artifact(out), cached=True)
+    remove_stale_temps(out.parent, prefix=f".{out.name}.")  # an export killed half-way left its temp folder
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"--out {out} exists and holds something else; use --force to replace it")
     res = Resources(ref, DataConfig(), ui)

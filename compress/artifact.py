@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import __version__
-from .errors import UserError, one_line
+from .errors import UserError
 
 from .formats import MANIFEST
 METRICS = "metrics.json"  # a stage's evaluation results, beside its manifest
@@ -60,13 +60,12 @@ def is_artifact(path: Path) -> bool:
 
 def read_artifact(path: Path) -> Artifact:
     path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is not a compress artifact (no {MANIFEST})") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"corrupt manifest {path / MANIFEST}: {one_line(exc)}") from None
-    if not isinstance(manifest, dict) or "id" not in manifest:
+    from .untrusted import read_json as read_untrusted
+
+    if not (path / MANIFEST).exists():
+        raise UserError(f"{path} is not a compress artifact (no {MANIFEST})")
+    manifest = read_untrusted(path / MANIFEST)
+    if "id" not in manifest or not isinstance(manifest["id"], str):
         raise UserError(f"corrupt manifest {path / MANIFEST}: no id")
     return Artifact(path, manifest)
 
@@ -75,7 +74,7 @@ def read_json(path: Path, default: Any) -> Any:
     """A JSON file's content, or ``default`` where it is missing or unreadable (caches, indexes)."""
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return default
 
 
@@ -110,11 +109,38 @@ def list_files(path: Path) -> list[dict[str, Any]]:
 
 
 def _translate_os_error(exc: OSError, what: Path) -> UserError | None:
-    if exc.errno == errno.ENOSPC:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return UserError(f"no space left on device while writing {what}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return UserError(f"cannot write {what}: {exc.strerror}")
+    if exc.errno == errno.ENOTDIR:
+        return UserError(f"cannot write {what}: a part of the path is a file, not a folder")
+    if exc.errno == errno.EEXIST or exc.errno == errno.ELOOP:
+        return UserError(f"cannot write {what}: {exc.filename or what} exists and is not a folder "
+                         "(a file or a dangling link)")
+    if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EIO):
+        return UserError(f"cannot write {what}: {exc.strerror}")
     return None
+
+
+def disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """Whether an error is a full disk, however the library that wrote reports it: an OSError
+    ENOSPC, safetensors' ``IoError(Os { code: 28 ...})``, torch's "unexpected pos" (with the disk
+    in fact nearly full)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "StorageFull" in text or "code: 28," in text:
+        return True
+    if where is not None and ("unexpected pos" in text or "failed writing" in text):
+        probe = Path(where)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            return shutil.disk_usage(probe).free < (64 << 20)
+        except OSError:
+            return False
+    return False
 
 
 @contextlib.contextmanager
@@ -127,6 +153,10 @@ def os_errors(what: Path) -> Iterator[None]:
         if err is None:
             raise
         raise err from None
+    except Exception as exc:  # libraries that wrap the OS error in their own (safetensors, torch)
+        if not isinstance(exc, UserError) and disk_full(exc, what):
+            raise UserError(f"no space left on device while writing {what}") from None
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -150,6 +180,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(path.parent)
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -174,16 +205,41 @@ def staging_dir(final: Path) -> Iterator[Path]:
         tmp.mkdir()
         try:
             yield tmp
+            fsync_tree(tmp)  # the data is on disk before the rename publishes it
             old = None
             if final.exists():
                 old = final.with_name(f".{final.name}.old-{os.getpid()}")
                 os.replace(final, old)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX: fsync the folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` and the folders holding them."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
 
 
 def link_model_files(src: Path, dst: Path) -> None:
@@ -212,19 +268,30 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temps(folder: Path) -> None:
-    """Delete temp folders left by killed runs (``.name.tmp-PID`` of dead PIDs)."""
+def remove_stale_temps(folder: Path, prefix: str = ".") -> list[Path]:
+    """Delete temp files and folders left by killed processes (``.name.tmp-PID`` / ``.name.old-PID``
+    of dead PIDs; only names starting with ``prefix``); returns what was removed."""
     folder = Path(folder)
+    removed: list[Path] = []
     if not folder.is_dir():
-        return
-    for p in folder.iterdir():
-        if ".tmp-" in p.name and p.name.startswith("."):
+        return removed
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if p.name.startswith(prefix) and p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
             try:
                 pid = int(p.name.rsplit("-", 1)[1])
             except ValueError:
                 continue
             if pid != os.getpid() and not _pid_alive(pid):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                try:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
 
 
 def _pid_alive(pid: int) -> bool:

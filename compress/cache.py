@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .artifact import atomic_write_json, file_sha256, read_json
+from .artifact import atomic_write_json, file_sha256, read_json, remove_stale_temps
+
+_swept: set[str] = set()
 
 
 def cache_dir() -> Path:
@@ -34,3 +36,18 @@ def cached_digest(path: Path) -> str:
     except Exception:  # the digest cache is an optimisation only
         pass
     return digest
+
+
+def sweep_debris() -> list[Path]:
+    """Remove temp files and folders that killed processes left in the cache (a half-written GGUF
+    conversion is hundreds of MB); once per process, two levels deep."""
+    root = cache_dir()
+    if str(root) in _swept:
+        return []
+    _swept.add(str(root))
+    removed = remove_stale_temps(root)
+    if root.is_dir():
+        for sub in root.iterdir():
+            if sub.is_dir() and not sub.name.startswith("."):
+                removed += remove_stale_temps(sub)
+    return removed

@@ -2,7 +2,7 @@
 
 Importing this module does not import torch (``compress --help`` is instant);
 heavy modules are imported inside the commands. Exit codes: 0 ok, 2 bad input
-(one line on stderr), 1 internal error, 130 interrupted. ``--json`` prints only
+(one line on stderr), 1 internal error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). ``--json`` prints only
 the JSON result on stdout; progress and logs go to stderr.
 """
 
@@ -240,8 +240,15 @@ def _interrupt(signum, frame):
     such a run still ends as interrupted (130), not as an internal error.
     """
     global _interrupted
-    _interrupted = True
+    _interrupted = signum or True
     raise KeyboardInterrupt
+
+
+def _interrupted_exit() -> int:
+    """Exit code of a run stopped by a signal: 128 + its number (Ctrl-C 130, SIGTERM 143)."""
+    signum = _interrupted if isinstance(_interrupted, int) and not isinstance(_interrupted, bool) else signal.SIGINT
+    what = "terminated" if signum == signal.SIGTERM else "interrupted"
+    return _fail(128 + int(signum), _INTERRUPTED_MSG.replace("interrupted", what, 1))
 
 
 def _fail(code: int, message: str) -> int:
@@ -266,17 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         return rv if isinstance(rv, int) else 0
     except CompressError as exc:
         if _interrupted:
-            return _fail(EXIT_INTERRUPTED, _INTERRUPTED_MSG)
+            return _interrupted_exit()
         return _fail(exc.exit_code, str(exc))
     except typer.Exit as exc:
-        return exc.exit_code
+        return _interrupted_exit() if _interrupted else exc.exit_code
     except typer.Abort:
-        return _fail(EXIT_INTERRUPTED, "interrupted")
+        return _interrupted_exit()
     except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, _INTERRUPTED_MSG)
+        return _interrupted_exit()
     except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into an exit code
         if _interrupted:  # an error raised while unwinding from Ctrl-C: still an interruption
-            return _fail(EXIT_INTERRUPTED, _INTERRUPTED_MSG)
+            return _interrupted_exit()
         return _error_exit(exc)
 
 

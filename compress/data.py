@@ -26,6 +26,7 @@ from .config import DataConfig
 from .errors import UserError, one_line
 from .generation import GENERATION_VERSION
 from .prompts import PROMPT_SET_VERSION, split_prompts
+from .tokenizer import chat_text
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
@@ -58,9 +59,9 @@ def _data_files(path: Path) -> list[Path]:
 
 
 def user_data_spec(path: str | Path, split: str) -> DataSpec:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"data not found: {path}")
+    from .untrusted import file_or_folder
+
+    path = file_or_folder(Path(path).expanduser(), "data")  # a FIFO or /dev/zero is no data
     files = _data_files(path)
     parts = ["files"]
     for f in files:
@@ -145,50 +146,138 @@ def self_data_path(spec: DataSpec) -> Path:
 # ------------------------------------------------------------------------------- reading
 
 
-def read_documents(spec: DataSpec) -> list[Document]:
-    if spec.kind == "self":
-        return read_jsonl(self_data_path(spec))
-    docs: list[Document] = []
-    for f in spec.paths:
-        if f.suffix.lower() in JSONL_SUFFIXES:
-            docs.extend(read_jsonl(f))
-        else:
-            try:
-                text = f.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{f}: not UTF-8 text ({one_line(exc)})") from None
-            if text.strip():
-                docs.append(text)
+PIECE_CHARS = 4 << 20  # a text file is read (and tokenized) in pieces of at most this many characters
+WORD_CHARS = 1 << 16  # a run without whitespace is cut after this many (the tokenizer's cost grows with it)
+JSONL_LINE_BYTES = 16 << 20
+PLAN_CHECK_BYTES = 16 << 20  # the plan parses this much of each data source up front
+
+
+class Piece(str):
+    """A piece of a text file after the first: joined to the one before without an EOS."""
+
+    continuation = True
+
+
+def read_documents(spec: DataSpec, max_bytes: int | None = None) -> list[Document]:
+    """The documents of a source as a list (small sources; see :func:`iter_documents`)."""
+    docs = list(iter_documents(spec, max_bytes))
     if not docs:
         raise UserError(f"{spec.label}: no text found")
     return docs
 
 
-def read_jsonl(path: Path) -> list[Document]:
-    docs: list[Document] = []
+def iter_documents(spec: DataSpec, max_bytes: int | None = None):
+    """The documents of a source, read lazily: a consumer that stops early (a token budget) reads
+    no further, however large the file. ``max_bytes``: stop after about that much of each file."""
+    if spec.kind == "self":
+        yield from iter_jsonl(self_data_path(spec), max_bytes)
+        return
+    for f in spec.paths:
+        if f.suffix.lower() in JSONL_SUFFIXES:
+            yield from iter_jsonl(f, max_bytes)
+        else:
+            yield from iter_text(f, max_bytes)
+
+
+def iter_text(path: Path, max_bytes: int | None = None):
+    """A text file as one document, read in pieces of at most ``PIECE_CHARS`` characters cut after
+    a newline (else a space; a run without whitespace after ``WORD_CHARS``); pieces after the
+    first are :class:`Piece` s. A file that fits one piece is yielded whole, as before."""
+    import codecs
+    import re
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    long_word = re.compile(r"\S{%d}" % WORD_CHARS)
+    carry, first, read = "", True, 0
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with open_regular(path) as f:
+            while True:
+                block = f.read(PIECE_CHARS)
+                read += len(block)
+                carry += decoder.decode(block, final=not block)
+                done = not block or (max_bytes is not None and read >= max_bytes)
+                while carry and (len(carry) >= PIECE_CHARS or done):
+                    piece = carry[:PIECE_CHARS]
+                    if len(carry) > PIECE_CHARS or not done:
+                        piece = piece[:_cut(piece)]
+                    m = long_word.search(piece)
+                    if m:
+                        piece = piece[:m.end()]
+                    carry = carry[len(piece):]
+                    if piece.strip() or not first:
+                        yield piece if first else Piece(piece)
+                        first = False
+                if done:
+                    return
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({one_line(exc)})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise UserError(f"{path}:{n}: invalid JSON ({one_line(exc)})") from None
-        if isinstance(row, dict) and isinstance(row.get("text"), str):
-            docs.append(row["text"])
-        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-            msgs = row["messages"]
-            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
-                raise UserError(f"{path}:{n}: each message needs string 'role' and 'content'")
-            if row.get("finished") is False:
-                msgs = [*msgs[:-1], {**msgs[-1], "unfinished": True}]
-            docs.append(msgs)
-        else:
-            raise UserError(f"{path}:{n}: expected an object with a 'text' string or a 'messages' list")
-    return docs
+
+
+def _cut(piece: str) -> int:
+    """Where to end a piece so that tokenizing the pieces gives the tokens of the whole: after a
+    newline that is followed by a non-space (every pre-tokenizer splits there), else before a
+    single space between two words, else (a run without whitespace) the whole piece."""
+    i = len(piece) - 1
+    while True:
+        i = piece.rfind("\n", 0, i)
+        if i < 0:
+            break
+        if not piece[i + 1].isspace():
+            return i + 1
+    i = len(piece) - 1
+    while True:
+        i = piece.rfind(" ", 1, i)
+        if i < 1:
+            return len(piece)
+        if not piece[i - 1].isspace() and not piece[i + 1].isspace():
+            return i
+
+
+def open_regular(path: Path):
+    """Open a data file for reading; FIFOs, devices and sockets are refused before opening."""
+    from .untrusted import regular_file
+
+    try:
+        regular_file(path)
+        return open(path, "rb")
+    except OSError as exc:
+        raise UserError(f"{path}: unreadable ({one_line(exc.strerror or exc)})") from None
+
+
+def read_jsonl(path: Path) -> list[Document]:
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: Path, max_bytes: int | None = None):
+    from .untrusted import loads_json
+
+    read = 0
+    with open_regular(path) as f:
+        for n, raw in enumerate(iter(lambda: f.readline(JSONL_LINE_BYTES + 1), b""), 1):
+            read += len(raw)
+            if len(raw) > JSONL_LINE_BYTES:
+                raise UserError(f"{path}:{n}: a line longer than {JSONL_LINE_BYTES >> 20} MiB; refused")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{n}: not UTF-8 text ({one_line(exc)})") from None
+            if line.strip():
+                yield _jsonl_document(loads_json(line, f"{path}:{n}", expect=None), path, n)
+            if max_bytes is not None and read >= max_bytes:
+                return
+
+
+def _jsonl_document(row: Any, path: Path, n: int) -> Document:
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        return row["text"]
+    if isinstance(row, dict) and isinstance(row.get("messages"), list):
+        msgs = row["messages"]
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+            raise UserError(f"{path}:{n}: each message needs string 'role' and 'content'")
+        if row.get("finished") is False:
+            msgs = [*msgs[:-1], {**msgs[-1], "unfinished": True}]
+        return msgs
+    raise UserError(f"{path}:{n}: expected an object with a 'text' string or a 'messages' list")
 
 
 # ---------------------------------------------------------------------------- tokenizing
@@ -202,7 +291,7 @@ def tokenize_document(doc: Document, tokenizer) -> list[int]:
     if tokenizer.chat_template is None:
         text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
         return tokenizer(text, add_special_tokens=False)["input_ids"] + ([] if unfinished else [tokenizer.eos_token_id])
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = chat_text(tokenizer, messages)
     if unfinished:  # a truncated answer must not teach the model to stop there
         cut = text.rfind(tokenizer.eos_token)
         if cut > 0:
@@ -210,20 +299,23 @@ def tokenize_document(doc: Document, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def token_stream(docs: list[Document], tokenizer, max_tokens: int | None = None):
-    """All documents as one 1-D LongTensor, separated by EOS where they are plain text."""
+def token_stream(docs, tokenizer, max_tokens: int | None = None, label: str = "the data"):
+    """Documents (any iterable: read no further than ``max_tokens`` needs) as one 1-D LongTensor,
+    separated by EOS where they are plain text (not between the pieces of one file)."""
     import torch
 
     ids: list[int] = []
     for i, doc in enumerate(docs):
-        if i and isinstance(doc, str):
+        if i and isinstance(doc, str) and not isinstance(doc, Piece):
             ids.append(tokenizer.eos_token_id)
         ids.extend(tokenize_document(doc, tokenizer))
         if max_tokens is not None and len(ids) >= max_tokens:
             break
+    if not ids:
+        raise UserError(f"{label}: no text found")
     stream = torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
     if stream.numel() < 2:
-        raise UserError("the data holds fewer than 2 tokens")
+        raise UserError(f"{label} holds fewer than 2 tokens")
     return stream
 
 
@@ -264,7 +356,7 @@ def generate_answers(model, tokenizer, prompts: list[str], cfg: DataConfig, prog
     from .generation import generate
 
     rendered = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        chat_text(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
         for p in prompts
     ]
     eos = stop_ids(model, tokenizer)

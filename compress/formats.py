@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 MANIFEST = "manifest.json"
 ONNX_CONFIG = "genai_config.json"  # marks an ONNX export folder (its onnxruntime-genai config)
@@ -101,10 +101,63 @@ def weight_bytes(path: Path) -> int:
 # ------------------------------------------------------------------------------ built-ins
 
 
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+SAFETENSORS_MAX_HEADER = 100 << 20  # the format's own limit
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensors a safetensors file declares, every entry checked against the file: a known
+    dtype, a shape of non-negative ints, byte ranges that match the shape and fit the data."""
+    from .untrusted import loads_json, regular_file
+
+    try:
+        size = regular_file(path).st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > SAFETENSORS_MAX_HEADER:
+                raise ValueError(f"header length {n} exceeds the file ({size} bytes) or the format's limit")
+            raw = f.read(n)
+    except OSError as exc:
+        raise UserError(f"{path}: unreadable ({one_line(exc.strerror or exc)})") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: corrupt safetensors ({one_line(exc)})") from None
+    header = loads_json(raw, f"{path} (safetensors header)")
+    data = size - 8 - n
+    tensors: dict[str, dict] = {}
+    try:
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(meta, dict):
+                raise ValueError(f"tensor {name!r}: entry is not an object")
+            dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                      for d in shape):
+                raise ValueError(f"tensor {name!r}: bad shape {shape!r}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1]):
+                raise ValueError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+            numel = 1
+            for d in shape:
+                numel *= d
+            if offsets[1] - offsets[0] != numel * SAFETENSORS_DTYPES[dtype]:
+                raise ValueError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}")
+            if offsets[1] > data:
+                raise ValueError(f"tensor data truncated ({size} bytes, {8 + n + offsets[1]} needed)")
+            tensors[name] = meta
+    except ValueError as exc:
+        raise UserError(f"{path}: corrupt safetensors ({one_line(exc)})") from None
+    return tensors
+
+
 def safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+    return read_safetensors_header(path)
 
 
 def _weight_files(path: Path) -> list[Path]:

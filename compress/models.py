@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from .artifact import (  # noqa: E402
     MANIFEST, atomic_write_json, make_manifest, read_artifact, staging_dir,
 )
-from .cache import cache_dir  # noqa: E402
+from .cache import cache_dir, sweep_debris  # noqa: E402
 from .errors import UserError, one_line  # noqa: E402
 from .sources import SourceRef, check_model_type, source_id  # noqa: E402
 
@@ -42,6 +42,7 @@ def model_folder(ref: SourceRef, *, quiet: bool = False, log=None) -> Path:
     dest = converted_dir(ref)
     if (dest / MANIFEST).is_file():
         return dest
+    sweep_debris()  # a conversion killed half-way left its temp folder here
     if log:
         log(f"converting {ref.path.name} to an fp32 Hugging Face folder (once; cached in {dest})")
     convert_gguf(ref.path, dest, source_id(ref), quiet=quiet)
@@ -182,14 +183,29 @@ def _fix_special_tokens(tok, config) -> list[str]:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    from .untrusted import read_json
+
     _quiet_transformers(True)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        if (Path(path) / name).exists():
+            read_json(Path(path) / name)  # bounded and typed before transformers trusts it
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise UserError(f"cannot load tokenizer from {path}: {one_line(exc)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if getattr(tok, "chat_template", None):
+        from .tokenizer import chat_text
+
+        # render it once now, bounded: a template that hangs, explodes or is refused by the sandbox
+        # fails here, before any work, not in the middle of a run
+        chat_text(tok, PROBE_CHAT, add_generation_prompt=True)
     return tok
+
+
+PROBE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Bye"}]
 
 
 def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = True):
@@ -199,11 +215,9 @@ def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = 
 
     _quiet_transformers(quiet)
     path = Path(path)
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path / 'config.json'}: unreadable ({one_line(exc)})") from None
-    check_model_type(model_type, path)
+    from .untrusted import read_json
+
+    check_model_type(read_json(path / "config.json").get("model_type"), path)
     fmt = format_of(path)
     if fmt.evaluated_with != "pytorch":
         raise UserError(f"{path} is a {fmt.name} model, not a PyTorch one")
@@ -220,12 +234,23 @@ def load_hf_model(path: Path, *, dtype: torch.dtype = torch.float32, **_):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path, config=load_config(path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
-            local_files_only=True,
+            local_files_only=True, output_loading_info=True,
         )
     except Exception as exc:
         raise UserError(f"cannot load weights from {path}: {one_line(exc)}") from None
+    # the loader only warns (and we silence it) where weights are missing -- it initializes them at
+    # random -- or left over: both are a broken model, never a run that "works"
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in info.get("missing_keys") or [] if k not in tied]
+    unexpected = [k for k in info.get("unexpected_keys") or [] if not k.endswith("rotary_emb.inv_freq")]
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or unexpected or mismatched:
+        parts = [f"{len(x)} {what} (first: {x[0][0] if isinstance(x[0], tuple) else x[0]})"
+                 for x, what in ((missing, "missing"), (unexpected, "unexpected"), (mismatched, "of another shape"))
+                 if x]
+        raise UserError(f"{path}: the weights do not match config.json: tensors " + ", ".join(parts))
     model.eval()
     return model
 

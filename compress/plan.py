@@ -15,12 +15,12 @@ from typing import Any
 
 from .artifact import compute_id
 from .config import Config
-from .data import DataSpec, read_documents, user_data_spec
+from .data import PLAN_CHECK_BYTES, DataSpec, read_documents, user_data_spec
 from .errors import UserError
 from .formats import detect_format
 from .profiles import DEFAULT_PROFILE, Pipeline, Stage, load_pipeline
 from .registry import PassSpec
-from .sources import SourceRef, resolve_source_ref
+from .sources import SourceRef, check_fits_context, resolve_source_ref
 
 
 @dataclass
@@ -83,6 +83,13 @@ def plan(
         raise UserError(f"{source.label} is an ONNX export; a pipeline starts from a PyTorch/GGUF model "
                         "(profile or evaluate the export with `compress profile` / `compress eval`)")
     formats = check_order(pipeline.stages, fmt)
+    check_fits_context(source, pipeline.evaluation.window, "evaluation.window")
+    if any(st.spec.needs_data for st in pipeline.stages):
+        check_fits_context(source, pipeline.data.seq_len, "data.seq_len")
+    for st in pipeline.stages:
+        if hasattr(st.config, "prompt_tokens") and hasattr(st.config, "new_tokens"):
+            check_fits_context(source, st.config.prompt_tokens + st.config.new_tokens,
+                               f"{st.spec.name}: a run of prompt_tokens + new_tokens")
     pipeline.target.preflight()  # a CUDA target on a machine without CUDA: fail before any work
     for stage in pipeline.stages:
         stage.config.preflight()
@@ -90,7 +97,7 @@ def plan(
     specs = [user_data_spec(data, "train") if data else None] + [user_data_spec(p, "eval") for p in eval_paths]
     for spec in specs:
         if spec is not None:
-            read_documents(spec)  # parse now: a bad line fails before anything is written
+            read_documents(spec, PLAN_CHECK_BYTES)  # parse now: a bad line fails before anything is written
     return Plan(pipeline=pipeline, source=source, data=specs[0], eval_data=eval_paths, formats=formats)
 
 

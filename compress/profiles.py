@@ -20,11 +20,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .config import Config, DataConfig, EvalConfig, parse_override
-from .errors import UserError, one_line
+from .errors import UserError
 from .registry import PassSpec, get_pass
+from .untrusted import read_yaml
 from .target import TargetConfig, target_from_profile
 
 TOP_LEVEL_KEYS = ("description", "target", "data", "evaluation", "passes")
@@ -84,16 +84,20 @@ class Pipeline:
 
 def read_profile(name: str) -> tuple[str, dict[str, Any]]:
     path = profile_path(name)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"profile {path}: unreadable ({one_line(exc)})") from None
+    raw = read_yaml(path, "profile")
     if not isinstance(raw, dict):
         raise UserError(f"profile {path}: expected a mapping at the top level")
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise UserError(f"profile {path}: unknown key {unknown[0]!r}; allowed keys: {', '.join(TOP_LEVEL_KEYS)}")
     return path.stem, raw
+
+
+def _section(raw: dict[str, Any], key: str, pname: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"profile {pname}: '{key}' must be a mapping of settings, not a {type(value).__name__}")
+    return dict(value)
 
 
 def load_pipeline(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
@@ -110,10 +114,13 @@ def load_pipeline(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Pip
         extra = sorted(set(item) - {"name", "config"})
         if extra:
             raise UserError(f"profile {pname}: passes[{i}]: unknown key {extra[0]!r}; allowed keys: name, config")
-        entries.append((get_pass(str(item["name"])), dict(item.get("config") or {})))
+        cfg = item.get("config") or {}
+        if not isinstance(cfg, dict):
+            raise UserError(f"profile {pname}: passes[{i}].config must be a mapping, not a {type(cfg).__name__}")
+        entries.append((get_pass(str(item["name"])), dict(cfg)))
 
-    data_raw = dict(raw.get("data") or {})
-    eval_raw = dict(raw.get("evaluation") or {})
+    data_raw = _section(raw, "data", pname)
+    eval_raw = _section(raw, "evaluation", pname)
     target_over: dict[str, Any] = {}
     names = [spec.name for spec, _ in entries]
     for text in overrides:

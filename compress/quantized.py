@@ -266,7 +266,9 @@ def load_quantized(path: Path, *, dtype: torch.dtype = torch.float32, **_: Any) 
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    qc = json.loads((path / QUANT_CONFIG).read_text())
+    from .untrusted import read_json
+
+    qc = read_json(path / QUANT_CONFIG)
     if qc.get("format") != FORMAT or int(qc.get("version", 0)) > FORMAT_VERSION:
         raise ValueError(f"unsupported quantization format {qc.get('format')} v{qc.get('version')}")
     from .models import load_config

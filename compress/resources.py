@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig
-from .data import DataSpec, read_documents
+from .data import DataSpec, iter_documents
 from .sources import SourceRef, check_weights
 from .ui import UI
 
@@ -50,5 +50,5 @@ class Resources:
         if key not in self._streams:
             if spec.kind == "self":
                 ensure_self_data(spec, self.data_cfg, self.teacher(), self.tokenizer(), self.ui.progress)
-            self._streams[key] = token_stream(read_documents(spec), self.tokenizer(), max_tokens)
+            self._streams[key] = token_stream(iter_documents(spec), self.tokenizer(), max_tokens, label=spec.label)
         return self._streams[key]

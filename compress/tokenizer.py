@@ -52,10 +52,26 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def chat_text(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+    """A chat rendered with the tokenizer's own template, in a bounded sandbox
+    (:func:`compress.untrusted.render_chat_template`: time, output and repetition limits) with
+    the variables transformers' ``apply_chat_template`` passes, so the text is the same."""
+    from .untrusted import render_chat_template
+
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates (transformers: "default" unless asked)
+        template = template.get("default") or next(iter(template.values()))
+    if not isinstance(template, str):
+        raise UserError("the tokenizer has no chat template")
+    special = {k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)}
+    return render_chat_template(template, where=f"chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}",
+                                messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                documents=None, **special)
+
+
 def chat_ids(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat rendered with the tokenizer's template: the same list under transformers
-    4.x and 5.x (5.x returns a ``BatchEncoding`` from ``apply_chat_template(tokenize=True)``)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    """Token ids of a chat rendered with the tokenizer's template (:func:`chat_text`)."""
+    text = chat_text(tokenizer, messages, add_generation_prompt=add_generation_prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -9,6 +9,7 @@ exactly ``new_tokens`` new tokens, EOS ignored); medians with min–max.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,21 @@ def model_kind(path: Path) -> str:
     if (path / "config.json").is_file():
         return "pytorch"
     raise UserError(f"{path} is neither an ONNX export ({ONNX_CONFIG}) nor a model folder (config.json)")
+
+
+def model_context(path: Path) -> int | None:
+    """The longest sequence a model folder declares it handles (config.json's
+    ``max_position_embeddings``, or an export's ``context_length``); None where it says nothing."""
+    from ..untrusted import read_json
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        n = read_json(path / "config.json").get("max_position_embeddings")
+    elif (path / "genai_config.json").is_file():
+        n = (read_json(path / "genai_config.json").get("model") or {}).get("context_length")
+    else:
+        return None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def prompt_ids(path: Path, n: int) -> list[int]:
@@ -105,6 +121,10 @@ def profile_model(path: Path, target: TargetConfig, settings: ProfileSettings, *
     settings.check()
     path = Path(path).resolve()
     kind = model_kind(path)
+    context = model_context(path)
+    if context is not None and settings.prompt_tokens + settings.new_tokens > context:
+        raise UserError(f"a profiling run of {settings.prompt_tokens} prompt + {settings.new_tokens} new tokens "
+                        f"exceeds the model's context of {context} tokens")
     if kind == "onnx":
         from exporters.onnx.runtime import check_provider
 
@@ -118,8 +138,10 @@ def profile_model(path: Path, target: TargetConfig, settings: ProfileSettings, *
     }
     log(f"profiling {label or path.name} ({kind}) on {target.label()}: {settings.warmup} warm-up + "
         f"{settings.runs} runs of {settings.prompt_tokens} prompt + {settings.new_tokens} new tokens")
-    proc = subprocess.run([sys.executable, "-m", "compress.profiling.worker", json.dumps(args)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the arguments go on stdin: a long prompt's ids would overflow the command line (E2BIG)
+    proc = subprocess.run([sys.executable, "-m", "compress.profiling.worker", "-"], input=json.dumps(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "COMPRESS_PARENT_PID": str(os.getpid())})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     try:
         raw = json.loads(lines[-1])

@@ -1,6 +1,6 @@
 """One profiling measurement, in its own process (so load time and peak memory are its own).
 
-``python -m compress.profiling.worker JSON`` prints one JSON line on stdout: load time,
+``python -m compress.profiling.worker -`` (arguments as JSON on stdin) prints one JSON line on stdout: load time,
 per-run prefill and decode step times, peak resident memory. An ONNX model is run with
 plain ONNX Runtime (torch is never imported); a PyTorch folder with eager PyTorch. The
 runners are importable so benchmarks time exactly what ``compress profile`` times.
@@ -103,10 +103,37 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_bytes": peak_rss_bytes()}
 
 
+def _die_with_parent() -> None:
+    """A worker never outlives the command that started it (Linux: the kernel sends SIGKILL when
+    the parent dies; elsewhere a thread watches the parent's pid)."""
+    import os
+    import signal
+    import threading
+
+    parent = int(os.environ.get("COMPRESS_PARENT_PID") or os.getppid())
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError
+    except (OSError, AttributeError):
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the guard was set
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
     from compress.errors import UserError, one_line
 
-    args = json.loads(argv[0])
+    _die_with_parent()
+    args = json.loads(sys.stdin.read() if not argv or argv[0] == "-" else argv[0])
     try:
         result = measure(args)
     except UserError as exc:

@@ -204,19 +204,19 @@ def train(
     if masks:
         apply_masks_(student, masks)  # the parent's zeros, exactly (a no-op when it already obeys them)
     start_step, history = 0, []
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint and state.get("world") == world:
-            params = _trainable(student)
-            with torch.no_grad():
-                for name, value in state["params"].items():
-                    params[name].copy_(value)
-            optimizer.load_state_dict(state["optimizer"])
-            if hooks.load_state and state.get("extra") is not None:
-                hooks.load_state(student, state["extra"])
-            start_step, history = int(state["step"]), list(state["history"])
-            if log and accelerator.is_main_process:
-                log(f"resuming from checkpoint at step {start_step}/{settings.steps}")
+    state = _load_checkpoint(ckpt_path, _trainable(student), len(groups), fingerprint, world,
+                             log if accelerator.is_main_process else None, set_aside=accelerator.is_main_process)
+    if state is not None:
+        params = _trainable(student)
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        if hooks.load_state and state.get("extra") is not None:
+            hooks.load_state(student, state["extra"])
+        start_step, history = int(state["step"]), list(state["history"])
+        if log and accelerator.is_main_process:
+            log(f"resuming from checkpoint at step {start_step}/{settings.steps}")
 
     if teacher is not None:
         teacher.eval().requires_grad_(False)
@@ -302,8 +302,94 @@ def _save_checkpoint(accelerator, model, optimizer, step, history, fingerprint, 
             "world": world,
             "extra": extra,
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_checkpoint(state, path)
     accelerator.wait_for_everyone()
+
+
+def write_checkpoint(state: dict, path: Path) -> None:
+    """Publish a checkpoint atomically and durably: written to a temp file and fsynced, the
+    current one kept as ``.prev`` (the last good one, should the new one be damaged later), then
+    renamed into place. A failed write (disk full) removes its temp file and is one line."""
+    from ..artifact import fsync_dir, remove_stale_temps
+
+    remove_stale_temps(path.parent)  # temp files of killed writers
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, _previous(path))
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        from ..artifact import disk_full
+        from ..errors import UserError, one_line
+
+        if disk_full(exc, path.parent):
+            raise UserError(f"no space left on device while writing checkpoint {path}") from None
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write checkpoint {path}: {one_line(exc.strerror or exc)}") from None
+        raise
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def _load_checkpoint(path: Path, params: dict[str, torch.Tensor], n_groups: int, fingerprint: str, world: int,
+                     log: Callable | None, set_aside: bool = True) -> dict | None:
+    """The newest good checkpoint of this training (``path``, else its ``.prev``), or None.
+
+    A checkpoint that does not load or does not fit this model (truncated, refused by the
+    safe unpickler, other shapes) is reported in one line and set aside as ``*.bad``; one of a
+    different run (fingerprint, world size) is ignored."""
+    for candidate in (path, _previous(path)):
+        if not candidate.is_file():
+            continue
+        try:
+            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            problem = _checkpoint_problem(state, params, n_groups)
+        except Exception as exc:  # noqa: BLE001 - any failure to read means damaged
+            from ..errors import one_line
+
+            problem = f"{type(exc).__name__}: {one_line(exc)[:200]}"
+        if problem is not None:
+            if set_aside:  # the main process only: the others just skip it
+                bad = candidate.with_name(candidate.name + f".bad-{int(time.time())}")
+                with contextlib.suppress(OSError):
+                    os.replace(candidate, bad)
+                if log:
+                    log(f"checkpoint {candidate} is damaged ({problem}); set aside as {bad.name}")
+            continue
+        if state.get("fingerprint") != fingerprint or state.get("world") != world:
+            continue
+        return state
+    if log and any(path.parent.glob(path.name + ".bad-*")):
+        log("no good checkpoint left: training restarts from the start")
+    return None
+
+
+def _checkpoint_problem(state: Any, params: dict[str, torch.Tensor], n_groups: int) -> str | None:
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a checkpoint"
+    for key, kind in (("step", int), ("params", dict), ("optimizer", dict), ("history", list)):
+        if not isinstance(state.get(key), kind):
+            return f"no {key!r}"
+    if state.get("fingerprint") is None:
+        return "no fingerprint"
+    for name, value in state["params"].items():
+        if name not in params:
+            return f"unknown parameter {name!r}"
+        if not isinstance(value, torch.Tensor) or value.shape != params[name].shape:
+            return f"parameter {name!r} has another shape"
+        if not torch.isfinite(value).all():
+            return f"parameter {name!r} is not finite"
+    if set(state["params"]) != set(params):
+        return "parameters missing"
+    groups = state["optimizer"].get("param_groups")
+    if not isinstance(groups, list) or len(groups) != n_groups:
+        return "optimizer state of another shape"
+    return None
 
