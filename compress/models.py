@@ -204,8 +204,7 @@ def load_tokenizer(path: Path):
     return tok
 
 
-PROBE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-              {"role": "user", "content": "Bye"}]
+from .untrusted import PROBE_CHAT  # noqa: E402
 
 
 def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = True):

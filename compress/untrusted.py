@@ -158,7 +158,8 @@ class _GGUFLayoutError(Exception):
 def check_gguf_layout(path: Path) -> dict[str, Any]:
     """Walk a GGUF header with every declared length checked against the bytes left.
 
-    Returns ``{"version", "tensors", "kv", "alignment", "data_offset", "architecture", "context_length"}``. Raises ``UserError``
+    Returns ``{"version", "tensors", "kv", "alignment", "data_offset", "architecture", "context_length",
+    "chat_template"}``. Raises ``UserError``
     naming what is wrong, without allocating more than the file holds (the library reader
     trusts declared counts: a 45-byte file declaring a 2^63-element array makes it loop).
     """
@@ -231,7 +232,7 @@ def _walk_gguf(m, size: int) -> dict[str, Any]:
         raise _GGUFLayoutError(f"declares {n_kv} metadata entries, more than the file can hold")
     if n_tensors > GGUF_MAX_TENSORS or n_tensors * 24 > size - pos:
         raise _GGUFLayoutError(f"declares {n_tensors} tensors, more than the file can hold")
-    alignment, architecture, context = 32, None, None
+    alignment, architecture, context, chat_template = 32, None, None, None
     for _ in range(n_kv):
         key = string()
         vtype = u32()
@@ -240,6 +241,8 @@ def _walk_gguf(m, size: int) -> dict[str, Any]:
             alignment = struct.unpack("<I", v)[0]
         elif key == b"general.architecture" and vtype == _GGUF_STRING:
             architecture = v.decode("utf-8", "replace")
+        elif key == b"tokenizer.chat_template" and vtype == _GGUF_STRING:
+            chat_template = v.decode("utf-8", "replace")
         elif key.endswith(b".context_length") and vtype in (4, 10) and v is not None:
             context = struct.unpack("<I" if vtype == 4 else "<Q", v)[0]
     if alignment == 0 or alignment & (alignment - 1) or alignment > 1 << 16:
@@ -271,7 +274,7 @@ def _walk_gguf(m, size: int) -> dict[str, Any]:
         if offset > room or need > room - offset:
             raise _GGUFLayoutError(f"tensor {name[:64]!r} ends past the end of the file (truncated?)")
     return {"version": version, "tensors": n_tensors, "kv": n_kv, "alignment": alignment, "data_offset": data_offset,
-            "architecture": architecture, "context_length": context}
+            "architecture": architecture, "context_length": context, "chat_template": chat_template}
 
 
 def _ggml_sizes() -> dict[int, tuple[int, int]]:
@@ -283,7 +286,7 @@ def _ggml_sizes() -> dict[int, tuple[int, int]]:
 
 # ---------------------------------------------------------------------------- templates
 
-TEMPLATE_MAX_SECONDS = 2.0
+TEMPLATE_MAX_SECONDS = 1.0
 TEMPLATE_MAX_CHARS = 4 * MiB  # a rendered chat prompt; ours are a few KB
 TEMPLATE_MAX_SOURCE = 256 * 1024
 
@@ -410,3 +413,38 @@ class _TemplateTracer:
         if self.n & 255 == 0:
             _check_time()
         return self.local
+
+
+#: The conversation every chat template is tried on before any work (alternating, user first).
+PROBE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Bye"}]
+
+
+def probe_chat_template(template: Any, where: str, special: dict[str, Any] | None = None) -> None:
+    """Render a model's chat template once on :data:`PROBE_CHAT`, bounded (torch-free): a template
+    that hangs, explodes or is refused fails at plan time, in one line."""
+    if isinstance(template, list):  # tokenizer_config's named templates: [{"name", "template"}]
+        template = next((t.get("template") for t in template if isinstance(t, dict)), None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    if not isinstance(template, str):
+        return
+    tokens = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in (special or {}).items()
+              if k.endswith("_token")}
+    render_chat_template(template, where=where, messages=PROBE_CHAT, add_generation_prompt=True, tools=None,
+                         documents=None, **{k: v for k, v in tokens.items() if isinstance(v, str)})
+
+
+def probe_folder_chat_template(folder: Path) -> None:
+    """:func:`probe_chat_template` on a model folder's template (chat_template.jinja, else
+    tokenizer_config.json's ``chat_template``)."""
+    folder = Path(folder)
+    config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        if regular_file(jinja).st_size > TEMPLATE_MAX_SOURCE:
+            raise TemplateRefused(f"chat template {jinja}: larger than a chat template may be")
+        template = jinja.read_text(encoding="utf-8", errors="replace")
+    else:
+        template = config.get("chat_template")
+    probe_chat_template(template, f"chat template of {folder}", config)

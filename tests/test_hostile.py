@@ -196,7 +196,7 @@ def test_chat_template_is_bounded_and_refused_before_any_work(case, tiny_dir, ti
     out = tmp_path / "out"
     r = run_bounded("model", str(model), "--profile", str(PROFILES / "export-tiny.yaml"), "--eval-data",
                     str(tiny_text), "--out", str(out), "--quiet", timeout=90)
-    assert_refused(r, msg, rss_mb=1500)
+    assert_refused(r, msg, rss_mb=256, seconds=15)  # at plan time, torch-free
     assert "chat template" in r.stderr
     assert not out.exists()
 
