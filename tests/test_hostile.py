@@ -49,8 +49,12 @@ def _hwm_mb(pid: int) -> float:
     return 0.0
 
 
+MEMORY_CAP_MB = 4096  # a process past this is killed at once (a bomb that got through must not take the machine)
+
+
 def run_bounded(*args: str, timeout: float = 60, env: dict | None = None) -> Result:
-    """``compress ARGS`` in a subprocess; killed after ``timeout`` s; its peak RSS sampled every 5 ms."""
+    """``compress ARGS`` in a subprocess; killed after ``timeout`` s or past ``MEMORY_CAP_MB``; its
+    peak RSS sampled every 5 ms."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "compress", *args], stdout=out, stderr=err,
@@ -61,10 +65,11 @@ def run_bounded(*args: str, timeout: float = 60, env: dict | None = None) -> Res
             pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if time.perf_counter() - t0 > timeout:
+            if time.perf_counter() - t0 > timeout or peak > MEMORY_CAP_MB:
                 proc.kill()
                 os.wait4(proc.pid, 0)
-                raise AssertionError(f"compress {' '.join(args)} ran past {timeout} s")
+                raise AssertionError(f"compress {' '.join(args)} ran past {timeout} s or {MEMORY_CAP_MB} MB "
+                                     f"(peak {peak:.0f} MB)")
             time.sleep(0.005)
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - t0
