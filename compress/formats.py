@@ -156,16 +156,12 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     return tensors
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    return read_safetensors_header(path)
-
-
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     return [p for p in sorted(Path(path).glob("*.safetensors")) if p.name != MASKS_FILE]
 
 
 def _safetensors_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in _weight_files(path))
+    return sum(p.stat().st_size for p in weight_files(path))
 
 
 def _count_safetensors(path: Path, skip_layers: dict | None = None) -> int:
@@ -173,8 +169,8 @@ def _count_safetensors(path: Path, skip_layers: dict | None = None) -> int:
     weights (not its packed bytes, scales or zeros)."""
     layers = skip_layers or {}
     total = sum(int(v["in_features"]) * int(v["out_features"]) for v in layers.values())
-    for p in _weight_files(path):
-        for name, meta in safetensors_header(p).items():
+    for p in weight_files(path):
+        for name, meta in read_safetensors_header(p).items():
             if name == "__metadata__" or (name.rsplit(".", 1)[0] in layers and not name.endswith(".bias")):
                 continue
             numel = 1

@@ -20,6 +20,7 @@ from .artifact import (  # noqa: E402
 from .cache import cache_dir, sweep_debris  # noqa: E402
 from .errors import UserError, one_line  # noqa: E402
 from .sources import SourceRef, check_model_type, source_id  # noqa: E402
+from .untrusted import PROBE_CHAT  # noqa: E402
 
 
 def _quiet_transformers(quiet: bool) -> None:
@@ -202,9 +203,6 @@ def load_tokenizer(path: Path):
         # fails here, before any work, not in the middle of a run
         chat_text(tok, PROBE_CHAT, add_generation_prompt=True)
     return tok
-
-
-from .untrusted import PROBE_CHAT  # noqa: E402
 
 
 def load_model(path: Path, *, dtype: torch.dtype = torch.float32, quiet: bool = True):

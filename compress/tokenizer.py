@@ -56,12 +56,10 @@ def chat_text(tokenizer, messages: list[dict[str, str]], *, add_generation_promp
     """A chat rendered with the tokenizer's own template, in a bounded sandbox
     (:func:`compress.untrusted.render_chat_template`: time, output and repetition limits) with
     the variables transformers' ``apply_chat_template`` passes, so the text is the same."""
-    from .untrusted import render_chat_template
+    from .untrusted import render_chat_template, select_template
 
-    template = tokenizer.chat_template
-    if isinstance(template, dict):  # named templates (transformers: "default" unless asked)
-        template = template.get("default") or next(iter(template.values()))
-    if not isinstance(template, str):
+    template = select_template(tokenizer.chat_template)
+    if template is None:
         raise UserError("the tokenizer has no chat template")
     special = {k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)}
     return render_chat_template(template, where=f"chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'}",

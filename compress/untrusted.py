@@ -164,9 +164,18 @@ def check_gguf_layout(path: Path) -> dict[str, Any]:
     trusts declared counts: a 45-byte file declaring a 2^63-element array makes it loop).
     """
     path = Path(path)
-    size = regular_file(path).st_size
-    if size < 24:
-        raise UserError(f"{path}: corrupt GGUF (only {size} bytes)")
+    st = regular_file(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path}: not a GGUF file (bad magic)")
+    if st.st_size < 24:
+        raise UserError(f"{path}: corrupt GGUF (only {st.st_size} bytes)")
+    return _gguf_layout(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_layout(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    """The walk, once per file version (a plan asks for a GGUF's context several times)."""
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             return _walk_gguf(m, size)
@@ -221,9 +230,7 @@ def _walk_gguf(m, size: int) -> dict[str, Any]:
             return None
         raise _GGUFLayoutError(f"unknown metadata value type {vtype}")
 
-    if m[0:4] != b"GGUF":
-        raise _GGUFLayoutError("bad magic")
-    pos = 4
+    pos = 4  # the magic is checked by check_gguf_layout
     version = u32()
     if version not in (2, 3):
         raise _GGUFLayoutError(f"version {version} (2 and 3 are read)")
@@ -420,14 +427,21 @@ PROBE_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content"
               {"role": "user", "content": "Bye"}]
 
 
+def select_template(template: Any) -> str | None:
+    """The template a tokenizer renders by default: named templates (a dict, or tokenizer_config's
+    list of ``{"name", "template"}``) give "default", else the first."""
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    return template if isinstance(template, str) else None
+
+
 def probe_chat_template(template: Any, where: str, special: dict[str, Any] | None = None) -> None:
     """Render a model's chat template once on :data:`PROBE_CHAT`, bounded (torch-free): a template
     that hangs, explodes or is refused fails at plan time, in one line."""
-    if isinstance(template, list):  # tokenizer_config's named templates: [{"name", "template"}]
-        template = next((t.get("template") for t in template if isinstance(t, dict)), None)
-    if isinstance(template, dict):
-        template = template.get("default") or next(iter(template.values()), None)
-    if not isinstance(template, str):
+    template = select_template(template)
+    if template is None:
         return
     tokens = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in (special or {}).items()
               if k.endswith("_token")}
