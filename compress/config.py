@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from .errors import UserError
+from .untrusted import yaml_scalar
 
 
 def help_field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -261,7 +262,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise UserError(f"bad override {text!r}: expected SECTION.KEY=VALUE, e.g. distill.lr=1e-4")
     section, key = lhs.split(".", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_scalar(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return section.strip(), key.strip(), value

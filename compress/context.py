@@ -57,11 +57,13 @@ class PassContext:
     target: Any = None  # compress.target.TargetConfig: where the pipeline runs and deploys
     parent_masks: Callable[[], dict[str, Any]] = lambda: {}  # the parent's sparsity masks (bool tensors)
 
-    def train(self, student, teacher, blocks, settings, *, hooks=None) -> dict[str, Any]:
+    def train(self, student, teacher, blocks, settings, *, hooks=None, masks=None) -> dict[str, Any]:
         """The shared loop with everything the pass need not know: the parent's sparsity masks
-        (held exactly), the checkpoint folder and fingerprint, the device, progress and log."""
+        (held exactly; ``masks`` replaces them for a pass that makes new ones), the checkpoint
+        folder and fingerprint, the device, progress and log."""
         from .training.loop import train
 
         device = getattr(self.target, "device", "auto") or "auto"
         return train(student, teacher, blocks, settings, work_dir=self.work_dir, fingerprint=self.artifact_id,
-                     hooks=hooks, progress=self.progress, log=self.log, masks=self.parent_masks(), device=device)
+                     hooks=hooks, progress=self.progress, log=self.log,
+                     masks=self.parent_masks() if masks is None else masks, device=device)

@@ -87,6 +87,21 @@ class TeacherReference:
         return cls([t[f"{i}.nll"] for i in range(n)], [t[f"{i}.idx"] for i in range(n)], [t[f"{i}.logp"] for i in range(n)])
 
 
+def heldout_kl(student, teacher, held: torch.Tensor) -> float:
+    """Mean forward KL(teacher || student) over the sequences of ``held`` (one at a time); NaN when
+    there are none. A training pass's before/after check on sequences it did not train on."""
+    from .ops import losses
+
+    if held.shape[0] == 0:
+        return float("nan")
+    total = 0.0
+    with torch.no_grad():
+        for i in range(held.shape[0]):
+            ids = held[i:i + 1]
+            total += float(losses.forward_kl(student(input_ids=ids).logits, teacher(input_ids=ids).logits, None))
+    return total / held.shape[0]
+
+
 def teacher_reference(teacher, stream: torch.Tensor, *, window: int, max_tokens: int, batch_size: int = 1,
                       key: str | None = None, progress: Callable | None = None) -> TeacherReference:
     """The teacher's reference for ``stream``'s windows: from the cache when ``key`` (the teacher's

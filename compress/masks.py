@@ -3,8 +3,11 @@
 Format (``masks.safetensors`` in an artifact folder): one ``uint8`` tensor per masked Linear,
 keyed by its full module name (``model.layers.3.mlp.up_proj``), holding the mask bit-packed
 row-major (``numpy.packbits``, little bit order; bit 1 = weight kept), and in the file's
-metadata ``format = compress-masks``, ``version = 1``, ``pattern`` (``unstructured`` or
-``N:M``) and ``shapes`` (JSON: name -> ``[out_features, in_features]``).
+metadata one key, ``compress-masks``: JSON (sorted keys) of ``format = compress-masks``,
+``version = 2``, ``pattern`` (``unstructured`` or ``N:M``) and ``shapes`` (name ->
+``[out_features, in_features]``). One key because safetensors writes its metadata map in a
+per-process random order: several keys made the same masks different bytes in every run.
+Version 1 (the four fields as separate metadata keys) is still read.
 
 The manifest's ``invariants.sparsity`` summarizes it: ``{"file", "pattern", "modules",
 "fraction"}`` (``fraction``: zeros / weights over the masked Linears) and ``per_module``
@@ -25,7 +28,7 @@ from .errors import UserError
 from .formats import MASKS_FILE
 
 FORMAT = "compress-masks"
-VERSION = 1
+VERSION = 2
 
 
 def _pack(mask) -> np.ndarray:
@@ -62,8 +65,8 @@ def write_masks(folder: Path, masks: dict[str, Any], pattern: str = "unstructure
             raise ValueError(f"mask {name}: expected a 2-D (out, in) mask, got shape {m.shape}")
         if pattern != "unstructured":
             check_n_m(m, pattern, name)
-    meta = {"format": FORMAT, "version": str(VERSION), "pattern": pattern,
-            "shapes": json.dumps({n: list(m.shape) for n, m in arrays.items()})}
+    meta = {FORMAT: json.dumps({"format": FORMAT, "version": VERSION, "pattern": pattern,
+                                "shapes": {n: list(m.shape) for n, m in arrays.items()}}, sort_keys=True)}
     save_file({n: _pack(m) for n, m in arrays.items()}, str(Path(folder) / MASKS_FILE), metadata=meta)
     return summarize(arrays, pattern)
 
@@ -79,11 +82,16 @@ def read_masks(folder: Path) -> dict[str, "Any"]:
     try:
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
+            if FORMAT in meta:  # version 2: one JSON key
+                meta = json.loads(meta[FORMAT])
+                if not isinstance(meta, dict):
+                    raise ValueError("metadata is not an object")
             if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-                raise ValueError(f"not a {FORMAT} v{VERSION} file")
-            shapes = json.loads(meta["shapes"])
+                raise ValueError(f"not a {FORMAT} file of version <= {VERSION}")
+            shapes = meta["shapes"]
+            shapes = json.loads(shapes) if isinstance(shapes, str) else shapes  # version 1: a JSON string
             return {n: torch.from_numpy(_unpack(f.get_tensor(n), tuple(shapes[n]))) for n in f.keys()}
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"corrupt sparsity masks {path}: {exc}") from None
 
 

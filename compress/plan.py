@@ -20,7 +20,7 @@ from .errors import UserError
 from .formats import detect_format
 from .profiles import DEFAULT_PROFILE, Pipeline, Stage, load_pipeline
 from .registry import PassSpec
-from .sources import SourceRef, check_fits_context, resolve_source_ref
+from .sources import SourceRef, check_fits_context, resolve_source_ref, source_dims
 
 
 @dataclass
@@ -93,6 +93,11 @@ def plan(
     pipeline.target.preflight()  # a CUDA target on a machine without CUDA: fail before any work
     for stage in pipeline.stages:
         stage.config.preflight()
+    if any(hasattr(st.config, "check_dims") for st in pipeline.stages):
+        dims = source_dims(source)
+        for st in pipeline.stages:
+            if hasattr(st.config, "check_dims"):
+                st.config.check_dims(dims)
     eval_paths = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
     specs = [user_data_spec(data, "train") if data else None] + [user_data_spec(p, "eval") for p in eval_paths]
     for spec in specs:

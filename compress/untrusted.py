@@ -71,6 +71,42 @@ def read_json(path: Path, *, expect: type | tuple[type, ...] | None = dict, max_
 # ---------------------------------------------------------------------------------- YAML
 
 
+_YAML_LOADER = None
+
+
+def yaml_loader():
+    """PyYAML's SafeLoader without YAML 1.1's base-60 numbers: ``2:4`` (a sparsity pattern) stays the
+    string it is in YAML 1.2, instead of the integer 124; ``1:30`` is not 90."""
+    global _YAML_LOADER
+    if _YAML_LOADER is None:
+        import re
+
+        import yaml
+
+        int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.yaml_implicit_resolvers = {
+            first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        Loader.add_implicit_resolver(int_tag, re.compile(
+            r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+        Loader.add_implicit_resolver(float_tag, re.compile(
+            r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+        _YAML_LOADER = Loader
+    return _YAML_LOADER
+
+
+def yaml_scalar(text: str) -> Any:
+    """One ``--set`` value, read as YAML (with :func:`yaml_loader`)."""
+    import yaml
+
+    return yaml.load(text, Loader=yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(text: str, where: str) -> Any:
     """Safe YAML without aliases or anchors (no expansion bombs), size-capped."""
     import yaml
@@ -78,7 +114,7 @@ def load_yaml(text: str, where: str) -> Any:
     if len(text) > YAML_MAX_BYTES:
         raise UserError(f"{where}: {len(text)} bytes of YAML, more than the {YAML_MAX_BYTES // MiB} MiB a profile may hold")
 
-    class _NoAliases(yaml.SafeLoader):
+    class _NoAliases(yaml_loader()):
         def compose_node(self, parent, index):  # noqa: D401 - yaml API
             if self.check_event(yaml.AliasEvent):
                 event = self.peek_event()
@@ -147,6 +183,7 @@ def _kind(mode: int) -> str:
 _GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 GGUF_MAX_KV = 1 << 16
+_GGUF_DIMS = ("embedding_length", "feed_forward_length", "attention.head_count", "attention.key_length")
 GGUF_MAX_TENSORS = 1 << 20
 GGUF_MAX_DIMS = 4
 
@@ -159,7 +196,7 @@ def check_gguf_layout(path: Path) -> dict[str, Any]:
     """Walk a GGUF header with every declared length checked against the bytes left.
 
     Returns ``{"version", "tensors", "kv", "alignment", "data_offset", "architecture", "context_length",
-    "chat_template"}``. Raises ``UserError``
+    "chat_template", "dims"}`` (``dims``: the model sizes among ``_GGUF_DIMS`` it declares). Raises ``UserError``
     naming what is wrong, without allocating more than the file holds (the library reader
     trusts declared counts: a 45-byte file declaring a 2^63-element array makes it loop).
     """
@@ -240,6 +277,7 @@ def _walk_gguf(m, size: int) -> dict[str, Any]:
     if n_tensors > GGUF_MAX_TENSORS or n_tensors * 24 > size - pos:
         raise _GGUFLayoutError(f"declares {n_tensors} tensors, more than the file can hold")
     alignment, architecture, context, chat_template = 32, None, None, None
+    model_dims: dict[str, int] = {}
     for _ in range(n_kv):
         key = string()
         vtype = u32()
@@ -252,6 +290,10 @@ def _walk_gguf(m, size: int) -> dict[str, Any]:
             chat_template = v.decode("utf-8", "replace")
         elif key.endswith(b".context_length") and vtype in (4, 10) and v is not None:
             context = struct.unpack("<I" if vtype == 4 else "<Q", v)[0]
+        elif vtype in (4, 5, 10) and v is not None:
+            for suffix in _GGUF_DIMS:
+                if key.endswith(b"." + suffix.encode()):
+                    model_dims[suffix] = struct.unpack({4: "<I", 5: "<i", 10: "<Q"}[vtype], v)[0]
     if alignment == 0 or alignment & (alignment - 1) or alignment > 1 << 16:
         raise _GGUFLayoutError(f"alignment {alignment} is not a power of two up to 65536")
     tensors = []
@@ -281,7 +323,8 @@ def _walk_gguf(m, size: int) -> dict[str, Any]:
         if offset > room or need > room - offset:
             raise _GGUFLayoutError(f"tensor {name[:64]!r} ends past the end of the file (truncated?)")
     return {"version": version, "tensors": n_tensors, "kv": n_kv, "alignment": alignment, "data_offset": data_offset,
-            "architecture": architecture, "context_length": context, "chat_template": chat_template}
+            "architecture": architecture, "context_length": context, "chat_template": chat_template,
+            "dims": model_dims}
 
 
 def _ggml_sizes() -> dict[int, tuple[int, int]]:

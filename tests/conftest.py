@@ -66,3 +66,35 @@ def genai_generate(folder: Path, prompt: "str | list[int]", n: int) -> tuple[lis
 
     _, new, text = genai_greedy(folder, prompt, n)
     return new, text
+
+
+class TrainingKilled(Exception):
+    """Raised by :func:`killed_during_training` in place of a kill."""
+
+
+def killed_during_training(run, step: int):
+    """Call ``run()`` with the shared training loop dying after optimizer step ``step`` (its
+    checkpoints up to then written, as a killed process leaves them); returns when it has died."""
+    import compress.training.loop as loop
+    from compress.training.loop import Hooks
+
+    real = loop.train
+
+    def train_then_die(*args, hooks=None, **kw):
+        hooks = hooks or Hooks()
+        inner = hooks.after_step
+
+        def after(model, s):
+            if inner:
+                inner(model, s)
+            if s == step:
+                raise TrainingKilled
+        hooks.after_step = after
+        return real(*args, hooks=hooks, **kw)
+
+    loop.train = train_then_die
+    try:
+        with pytest.raises(TrainingKilled):
+            run()
+    finally:
+        loop.train = real

@@ -122,3 +122,14 @@ def test_registry_rejects_duplicates_and_bad_names():
         register_pass("new_pass", config=Config, **{**kw, "algorithm": 0})
     with pytest.raises(UserError, match="unknown pass"):
         get_pass("nope")
+
+
+def test_no_base_60_numbers_in_profiles_or_overrides():
+    """YAML 1.1 reads 2:4 as the integer 124 (base 60): a sparsity pattern must stay a string."""
+    from compress.config import parse_override
+    from compress.untrusted import load_yaml
+
+    assert parse_override("sparse_ft.pattern=2:4") == ("sparse_ft", "pattern", "2:4")
+    assert parse_override("quantize.lr=0.5")[2] == 0.5 and parse_override("quantize.steps=10")[2] == 10
+    assert load_yaml("pattern: 4:8\nsteps: 12\nlr: 2.0e-4\nflag: true", "t") == {
+        "pattern": "4:8", "steps": 12, "lr": 2.0e-4, "flag": True}

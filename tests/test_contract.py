@@ -22,6 +22,8 @@ CONTRACT = {
     "quantize": {"group_size": 32, "calibration_blocks": 4, "steps": 2, "warmup_steps": 0, "heldout_blocks": 1,
                  "checkpoint_every": 1},
     "export_onnx": {"greedy_tokens": 4},
+    "sparse_ft": {"calibration_blocks": 4, "block_size": 16, "steps": 2, "batch_size": 2, "warmup_steps": 0,
+                  "heldout_blocks": 1, "checkpoint_every": 1},
     "profile_latency": {"prompt_tokens": 8, "new_tokens": 2, "runs": 1, "warmup": 0, "eager_baseline": False},
 }
 BUILTIN = [s for s in list_passes() if s.entry.split(":")[0].rsplit(".", 1)[0] in BUILTIN_PASS_PACKAGES]

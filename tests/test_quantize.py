@@ -17,7 +17,7 @@ from compress.ops.losses import forward_kl
 from compress.passes.quantize.config import QuantizeConfig
 from compress.passes.quantize.run import quantize
 from compress.quantized import LinearQuant, QuantLinear, int8_blockwise, load_quantized, quant_modules
-from conftest import run_cli
+from conftest import killed_during_training, run_cli
 from tiny import CORPUS, make_model, make_tokenizer
 
 PROFILE = Path(__file__).parent / "profiles" / "quantize-tiny.yaml"
@@ -310,30 +310,8 @@ def test_resumed_recovery_equals_uninterrupted(tmp_path, mode):
     ref_ctx = _ctx(tmp_path, parent, "ref", teacher)
     ref = quantize(parent, cfg, ref_ctx)
 
-    class Stop(Exception):
-        pass
-
-    import compress.training.loop as qrun
-
-    real_train = qrun.train
-
-    def train_then_die(*args, hooks=None, **kw):
-        inner = hooks.after_step
-
-        def after(model, step):
-            inner(model, step)
-            if step == 5:
-                raise Stop
-        hooks.after_step = after
-        return real_train(*args, hooks=hooks, **kw)
-
     ctx = _ctx(tmp_path, parent, "killed", teacher)
-    qrun.train = train_then_die
-    try:
-        with pytest.raises(Stop):
-            quantize(parent, cfg, ctx)
-    finally:
-        qrun.train = real_train
+    killed_during_training(lambda: quantize(parent, cfg, ctx), step=5)
     shutil.rmtree(ctx.out_dir)
     ctx.out_dir.mkdir()
     res = quantize(parent, cfg, ctx)

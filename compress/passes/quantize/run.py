@@ -30,8 +30,8 @@ from ...artifact import Artifact
 from ...calibration import LayerwiseCalibration, run_layer
 from ...context import PassContext, PassResult
 from ...errors import UserError
+from ...evaluation import heldout_kl
 from ...models import load_model
-from ...ops import losses
 from ...ops import quant as Q
 from ...quantized import LinearQuant, QuantLinear, quant_modules, replace_module, save_quantized, tie_quantized_head
 from ...tokenizer import copy_tokenizer_files
@@ -167,7 +167,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
             f"{'sym' if cfg.sym else 'asym'}, init {cfg.init}, embeddings {cfg.embeddings}, "
             f"{calib.shape[0]} calibration sequences")
     teacher = ctx.load_teacher()
-    kl_fp = _heldout_kl(student, teacher, held)
+    kl_fp = heldout_kl(student, teacher, held)
 
     # 1-3: layer by layer (Block-AP under bf16 autocast where block_ap_bf16 resolves on)
     from ...hardware import resolve_bf16
@@ -213,7 +213,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
 
     # embeddings / tied head
     _quantize_embeddings(student, cfg)
-    kl_init = _heldout_kl(student, teacher, held)
+    kl_init = heldout_kl(student, teacher, held)
     ctx.log(f"initialization done: held-out KL {kl_init:.4f} (full precision {kl_fp:.4f})")
 
     # 4: recovery
@@ -221,7 +221,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
     if cfg.recovery != "none" and cfg.train.steps > 0:
         snapshot = _snapshot(student)
         recovery["train"] = _recover(student, teacher, train_blocks, cfg, ctx)
-        kl_rec = _heldout_kl(student, teacher, held)
+        kl_rec = heldout_kl(student, teacher, held)
         recovery["kl_heldout_recovered"] = kl_rec
         if held.shape[0] and kl_rec > kl_init:
             _restore(student, snapshot)
@@ -304,17 +304,6 @@ def bits_per_weight(model) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- recovery
-
-def _heldout_kl(student, teacher, held: torch.Tensor) -> float:
-    if held.shape[0] == 0:
-        return float("nan")
-    total = 0.0
-    with torch.no_grad():
-        for i in range(held.shape[0]):
-            ids = held[i:i + 1]
-            total += float(losses.forward_kl(student(input_ids=ids).logits, teacher(input_ids=ids).logits, None))
-    return total / held.shape[0]
-
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
