@@ -66,11 +66,14 @@ def summarize(per: dict[str, dict]) -> dict[str, Any]:
             "worst_ratio": ratios[worst], "worst_domain": worst}
 
 
-def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str]) -> dict[str, Any]:
+def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str],
+                 cache_from: Path | None = None) -> dict[str, Any]:
     out = work / slug
     shutil.rmtree(out, ignore_errors=True)
     cache = work / f"{slug}-cache"
     shutil.rmtree(cache, ignore_errors=True)
+    if cache_from is not None:  # an earlier row's cache: its converted model and teacher-written text are reused
+        shutil.copytree(cache_from, cache)
     cmd = [sys.executable, "-m", "compress", "model", "--profile", "cpu-4bit", "--eval-data", str(DATA / "test.txt"),
            *extra, "--out", str(out), "--json", "--quiet"]
     env = {**os.environ, "COMPRESS_CACHE_DIR": str(cache), "PYTHONPATH": str(repo)}
@@ -95,7 +98,9 @@ def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str])
             "domains": per, "summary": summarize(per),
             "fake_quant": {"ratio_geomean": q.get("ratio_geomean"), "ratio_worst": q.get("ratio_worst")},
             "training_data": rep.get("training_data"), "latency": lat,
-            "evaluated_as": "ONNX Runtime (MatMulNBits, accuracy_level 4), the pipeline's own evaluation"}
+            "evaluated_as": "ONNX Runtime (MatMulNBits, accuracy_level 4), the pipeline's own evaluation",
+            **({"cache_from": str(cache_from), "wall_note": "cache copied from an earlier row: no GGUF conversion "
+                "and no teacher text generation in the wall time"} if cache_from else {})}
 
 
 def onnx_row(name: str, folder: Path, teacher: Path, kind: str) -> dict[str, Any]:
@@ -191,6 +196,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULT)
     ap.add_argument("--set", action="append", default=[], dest="sets", help="KEY=VALUE override of an ours row")
     ap.add_argument("--row", help="name of an ours row run with --set")
+    ap.add_argument("--cache-from", type=Path, help="start the row's cache as a copy of this one (an earlier row's "
+                    "*-cache folder): the same teacher-written text, without generating it again")
     args = ap.parse_args()
     if args.sets and not args.row:
         ap.error("--set needs --row NAME (a variant is its own row)")
@@ -212,7 +219,7 @@ def main() -> int:
     sets = [a for kv in args.sets for a in ("--set", kv)]
     if args.only == "ours" and args.row:
         slug = "cpu-4bit-" + "".join(c if c.isalnum() else "-" for c in args.row.lower()).strip("-")[:60]
-        save(pipeline_row(args.row, slug, args.repo, args.work, sets))
+        save(pipeline_row(args.row, slug, args.repo, args.work, sets, args.cache_from))
     elif args.only == "ours":
         save(pipeline_row("ours cpu-4bit (default: the teacher's own text)", "cpu-4bit", args.repo, args.work, []))
     elif args.only == "ours-wikitext":
