@@ -180,8 +180,9 @@ def profiles_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         _emit_json(rows)
         return
+    width = max((len(r["name"]) for r in rows), default=0)
     for r in rows:
-        sys.stdout.write(f"{r['name']:<16} {r['description']}\n")
+        sys.stdout.write(f"{r['name']:<{width}}  {r['description']}\n")
 
 
 @profiles_app.command("show")

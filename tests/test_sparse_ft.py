@@ -187,3 +187,12 @@ def test_mask_files_are_the_same_bytes_every_time_and_version_1_still_reads(tmp_
                         "shapes": json.dumps({n: list(m.shape) for n, m in masks.items()})})
     back = read_masks(v1)
     assert back.keys() == masks.keys() and all(np.array_equal(back[n].numpy(), masks[n].numpy()) for n in masks)
+
+
+def test_the_named_profiles_plan_on_the_embedded_model_and_take_overrides():
+    p = api.plan(None, "cpu-sparse50-4bit", ["sparse_ft.sparsity=0.6"])
+    names = [st.spec.name for st in p.pipeline.stages]
+    assert names == ["sparse_ft", "quantize", "export_onnx", "profile_latency"]
+    assert p.pipeline.stages[0].config.sparsity == 0.6 and p.formats == ["hf", "hf", "quantized", "onnx", "onnx"]
+    s24 = api.plan(None, "sparse24").pipeline.stages[0].config
+    assert s24.pattern == "2:4" and s24.n_m() == (2, 4) and s24.train.lr == 1e-4
