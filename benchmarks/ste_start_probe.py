@@ -4,7 +4,8 @@ From one GPTQ-initialized quantize stage, a plain loop (the naive recipe's: cons
 weights 1e-5, scales and zero points 1e-4, forward KL, bf16 autocast where fast, no clipping, no
 norms trained) trains ``--steps`` steps on the same batches twice, once with the straight-through
 latent weight starting at the *dequantized codes* (what ``QuantLinear.start("ste")`` does) and
-once at the teacher's *full-precision weights* (what the naive recipe does). Prints the loss per
+once at the teacher's *full-precision weights* (what the naive recipe does), and once at the codes
+moved inside their rounding cell towards the fp weights (the same codes, off the grid). Prints the loss per
 step of each; the training text is the stage's own teacher-written text (the row's cache).
 
     COMPRESS_CACHE_DIR=CACHE python benchmarks/ste_start_probe.py STAGE --steps 16
@@ -30,12 +31,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", type=Path, help="a quantize stage folder (GPTQ init, recovery rolled back)")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--starts", default="codes,fp_weights,codes_subgrid",
+                    help="latent starts to compare: codes (on the grid), fp_weights, codes_subgrid")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ste_start_probe.json")
     args = ap.parse_args()
     from compress.config import DataConfig
     from compress.data import pack_blocks, read_documents, self_data_spec, token_stream
     from compress.hardware import fast_bf16
     from compress.models import load_model, load_tokenizer, model_folder
+    from compress.ops import quant as Q
     from compress.quantized import load_quantized, quant_modules
     from compress.sources import resolve_source_ref, source_id
 
@@ -48,9 +52,10 @@ def main() -> int:
     blocks = pack_blocks(token_stream(read_documents(spec), tok, None), 512)
     bf16, _ = fast_bf16()
     auto = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result = {"benchmark": "ste_start_probe", "date": time.strftime("%Y-%m-%d"), "stage": str(args.stage),
-              "bf16": bf16, "runs": {}}
-    for start in ("codes", "fp_weights"):
+              "bf16": bf16, "runs": old.get("runs", {})}
+    for start in args.starts.split(","):
         student = load_quantized(args.stage)
         for p in student.parameters():
             p.requires_grad_(False)
@@ -60,6 +65,11 @@ def main() -> int:
             if start == "fp_weights":
                 with torch.no_grad():
                     m.latent.copy_(teacher.get_submodule(name).weight)
+            elif start == "codes_subgrid":  # rounds to the same codes, but sits where the fp weight points inside its cell
+                with torch.no_grad():
+                    half = 0.49 * Q.expand(m.scale, m.q.group, m.in_features)
+                    fp = teacher.get_submodule(name).weight
+                    m.latent.add_(torch.maximum(torch.minimum(fp - m.latent, half), -half))
             m.scale.requires_grad_(True)
             m.zero.requires_grad_(True)
         opt = torch.optim.AdamW([{"params": [m.latent for m in mods.values()], "lr": 1e-5},
@@ -80,7 +90,7 @@ def main() -> int:
             with torch.no_grad():
                 for m in mods.values():
                     m.scale.clamp_(min=1e-8)
-            losses.append(round(float(loss), 4))
+            losses.append(round(float(loss.detach()), 4))
             print(start, step + 1, losses[-1], flush=True)
         result["runs"][start] = losses
     args.out.write_text(json.dumps(result, indent=2) + "\n")
