@@ -87,6 +87,12 @@ class TeacherReference:
         return cls([t[f"{i}.nll"] for i in range(n)], [t[f"{i}.idx"] for i in range(n)], [t[f"{i}.logp"] for i in range(n)])
 
 
+def heldout_split(blocks: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, held)``: the last ``n`` sequences held out of training (at least one left to train on)."""
+    n = min(n, max(blocks.shape[0] - 1, 0))
+    return blocks[:blocks.shape[0] - n], blocks[blocks.shape[0] - n:] if n else blocks[:0]
+
+
 def heldout_kl(student, teacher, held: torch.Tensor) -> float:
     """Mean forward KL(teacher || student) over the sequences of ``held`` (one at a time); NaN when
     there are none. A training pass's before/after check on sequences it did not train on."""

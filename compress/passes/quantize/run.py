@@ -30,7 +30,7 @@ from ...artifact import Artifact
 from ...calibration import LayerwiseCalibration, run_layer
 from ...context import PassContext, PassResult
 from ...errors import UserError
-from ...evaluation import heldout_kl
+from ...evaluation import heldout_kl, heldout_split
 from ...models import load_model
 from ...ops import quant as Q
 from ...quantized import LinearQuant, QuantLinear, quant_modules, replace_module, save_quantized, tie_quantized_head
@@ -157,10 +157,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
         p.requires_grad_(False)
     masks = ctx.parent_masks()
     plan = _plan_bits(student, cfg)
-    blocks = ctx.training_blocks()
-    n_held = min(cfg.heldout_blocks, max(blocks.shape[0] - 1, 0))
-    held = blocks[blocks.shape[0] - n_held:] if n_held else blocks[:0]
-    train_blocks = blocks[:blocks.shape[0] - n_held]
+    train_blocks, held = heldout_split(ctx.training_blocks(), cfg.heldout_blocks)
     calib = train_blocks[:cfg.calibration_blocks]
     bits_set = sorted({q.bits for q in plan.values()})
     ctx.log(f"quantize: {len(plan)} Linears to {'/'.join(map(str, bits_set))}-bit g{cfg.group_size} "

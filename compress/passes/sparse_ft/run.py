@@ -26,9 +26,10 @@ from ...artifact import Artifact
 from ...calibration import LayerwiseCalibration
 from ...context import NewMasks, PassContext, PassResult
 from ...errors import UserError
-from ...evaluation import heldout_kl
+from ...evaluation import heldout_kl, heldout_split
 from ...models import load_model, save_model
 from ...ops import prune as P
+from ...ops import quant as Q
 from ...tokenizer import copy_tokenizer_files
 from ...training.loop import LossWeights
 from .config import SparseFTConfig
@@ -76,10 +77,7 @@ def prune_layerwise(model, calib: torch.Tensor, cfg: SparseFTConfig, sparsities:
                     keep = P.magnitude_mask(w, sparsities[i], cfg.pattern)
                     new = w * keep
                 if rel in stats:  # output error on the calibration inputs, relative to the layer's output energy
-                    h = stats[rel].h.double()
-                    d = (w - new).double()
-                    rec["rel_error"][rel] = float(torch.einsum("ik,kl,il->", d, h, d)
-                                                  / torch.einsum("ik,kl,il->", w.double(), h, w.double()).clamp_min(1e-30))
+                    rec["rel_error"][rel] = Q.output_error(w, new, stats[rel].h)
                 with torch.no_grad():
                     lin.weight.copy_(new.to(lin.weight.dtype))
                 masks[f"{arch.layer_prefix(i)}{rel}"] = keep
@@ -90,8 +88,6 @@ def prune_layerwise(model, calib: torch.Tensor, cfg: SparseFTConfig, sparsities:
         if bar:
             bar.close()
     return masks, records
-
-
 
 
 def sparse_ft(parent: Artifact, cfg: SparseFTConfig, ctx: PassContext) -> PassResult:
@@ -109,10 +105,7 @@ def sparse_ft(parent: Artifact, cfg: SparseFTConfig, ctx: PassContext) -> PassRe
         if bad:
             raise UserError(f"sparse_ft.pattern: {cfg.pattern} needs input sizes that are multiples of {nm[1]}; "
                             f"{bad[0]} has {student.get_submodule(bad[0]).in_features}")
-    blocks = ctx.training_blocks()
-    n_held = min(cfg.heldout_blocks, max(blocks.shape[0] - 1, 0))
-    held = blocks[blocks.shape[0] - n_held:] if n_held else blocks[:0]
-    train_blocks = blocks[:blocks.shape[0] - n_held]
+    train_blocks, held = heldout_split(ctx.training_blocks(), cfg.heldout_blocks)
     calib = train_blocks[:cfg.calibration_blocks]
     n_layers = len(arch.decoder_layers(student))
     ctx.log(f"sparse_ft: {cfg.method} {cfg.pattern} at {cfg.sparsity:g} ({cfg.ratios}), "
