@@ -11,15 +11,12 @@ import torch
 
 from compress import api
 from compress.artifact import read_artifact
-from compress.context import PassContext
 from compress.masks import check_n_m, read_masks
 from compress.passes.sparse_ft.config import SparseFTConfig
 from compress.passes.sparse_ft.run import sparse_ft
-from compress.runner import parent_masks_of
 from conftest import killed_during_training, run_cli
 from exporters.onnx.weights import weight_zeros
-from test_quantize import _blocks, _teacher, _tiny_parent
-from tiny import make_tokenizer
+from test_quantize import _ctx, _teacher, _tiny_parent
 
 TESTS = Path(__file__).parent
 SPARSE = str(TESTS / "profiles" / "sparse-tiny.yaml")
@@ -82,15 +79,6 @@ def test_plan_reads_the_input_sizes_of_the_embedded_gguf_without_torch():
 
 
 # ---------------------------------------------------------------- the pass, in-process
-
-def _ctx(tmp_path: Path, parent, name: str, teacher) -> PassContext:
-    out = tmp_path / name
-    out.mkdir(parents=True, exist_ok=True)
-    blocks = _blocks(make_tokenizer(), n=12, t=32)
-    return PassContext(artifact_id=name, out_dir=out, work_dir=tmp_path / f"{name}-work", teacher_path=parent.path,
-                       load_teacher=lambda: teacher, training_blocks=lambda: blocks, progress=None, log=lambda m: None,
-                       parent_masks=parent_masks_of(parent))
-
 
 def _cfg(**kw):
     base = dict(method="sparsegpt", sparsity=0.5, calibration_blocks=6, block_size=16, steps=6, lr=1e-3,
