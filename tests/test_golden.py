@@ -83,24 +83,32 @@ def golden():
         GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-@pytest.mark.parametrize("name", [s.name for s in BUILTIN])
-def test_output_matches_the_golden_of_this_version(name, golden, tiny_dir, tiny_text, tmp_path):
+# Paths of a pass that its defaults do not take but shipped profiles do, each with its own golden
+# (cpu-4bit runs Block-AP at 4 bits; --set quantize.recovery=ste trains straight-through latents).
+VARIANTS = {"quantize[block_ap+ste]": ("quantize", "block_ap: 'on', block_ap_steps: 8, recovery: ste, steps: 20")}
+CASES = [s.name for s in BUILTIN] + sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_output_matches_the_golden_of_this_version(case, golden, tiny_dir, tiny_text, tmp_path):
+    name, extra = VARIANTS.get(case, (case, ""))
     spec = get_pass(name)
     prof = tmp_path / "golden.yaml"
     # the pass's defaults, but bf16 pinned off (train.bf16, quantize's block_ap_bf16): `auto` resolves per
     # machine (measured), not per algorithm
     pinned = [f"{k}: 'off'" for k in ("block_ap_bf16",) if k in spec.config.__dataclass_fields__]
-    cfg = "{" + ", ".join((["train: {bf16: 'off'}"] if "train" in spec.config.sections() else []) + pinned) + "}"
+    cfg = "{" + ", ".join((["train: {bf16: 'off'}"] if "train" in spec.config.sections() else []) + pinned
+                          + ([extra] if extra else [])) + "}"
     prof.write_text("description: golden\ntarget: {name: cpu, threads: 1}\ndata: {seq_len: 64, mix: 0}\n"
                     "evaluation: {max_tokens: 256, window: 64, domains: [python-code]}\n"
                     f"passes: [{{name: {name}, config: {cfg}}}]\n")
     rep = api.run(api.plan(str(tiny_dir), str(prof), data=str(tiny_text), eval_data=str(tiny_text)),
                   tmp_path / "run", quiet=True)
     fp = {"version": spec.version, **fingerprint(tmp_path / "run" / rep["stages"][1]["path"])}
-    key = golden_key(name, cpu_class())
+    key = golden_key(case, cpu_class())
     old, rtol = golden.get(key), RTOL
     if old is None:  # no golden of this CPU class yet: another class's, at its noise
-        others = [v for k, v in golden.items() if k.split("@")[0] == name]
+        others = [v for k, v in golden.items() if k.split("@")[0] == case]
         if others and others[0]["version"] == spec.version:
             old, rtol = others[0], RTOL_OTHER_CPU
             if UPDATE and _close(fp, old, rtol):
@@ -108,13 +116,13 @@ def test_output_matches_the_golden_of_this_version(name, golden, tiny_dir, tiny_
                 return
     if old is None or old["version"] != spec.version:
         if UPDATE:
-            for k in [k for k in golden if k.split("@")[0] == name]:  # a new version: other classes re-record
+            for k in [k for k in golden if k.split("@")[0] == case]:  # a new version: other classes re-record
                 del golden[k]
             golden[key] = fp
             return
-        pytest.fail(f"pass {name} is at version {spec.version}, its golden output at "
+        pytest.fail(f"pass {case} is at version {spec.version}, its golden output at "
                     f"{old['version'] if old else 'none'}: record it (COMPRESS_UPDATE_GOLDEN=1, see this file)")
     if not _close(fp, old, rtol):
-        pytest.fail(f"the output of pass {name} changed under the same version {spec.version}: bump its algorithm "
+        pytest.fail(f"the output of pass {case} changed under the same version {spec.version}: bump its algorithm "
                     f"version in compress/passes/{name}/__init__.py (stale cached stages would be reused), then "
                     "record the new golden (COMPRESS_UPDATE_GOLDEN=1)")

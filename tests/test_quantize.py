@@ -374,6 +374,42 @@ def test_quant_linear_modes_agree_at_start():
         assert torch.allclose(m(x), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_latent_starts_inside_its_cell_towards_the_reference(masked):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16, bias=False)
+    q = LinearQuant(4, 32, False)
+    w = lin.weight.detach().clone()
+    mask = torch.rand(16, 64) > 0.5 if masked else None
+    s, z = Q.minmax_params(w, 4, 32, False)
+    codes = Q.quantize(w, s, z, 4, 32)
+    codes = torch.where(torch.rand(16, 64) < 0.2, (codes.int() + 1).clamp(max=15).to(torch.uint8), codes)  # GPTQ-like moves
+    m = QuantLinear.from_linear(lin, q, codes, s, z, mask)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before, w_q = m(x), m.weight.clone()
+    codes_before = m.codes.clone()
+    m.start("ste", w)
+    step = Q.expand(m.scale.detach(), 32, 64)
+    off = (m.latent.detach() - Q.dequantize(m.codes, m.scale, m.zero, 32)) / step
+    assert off.abs().max() <= 0.49 + 1e-5 and off.abs().max() > 0.45  # moved, never past the cell
+    if masked:
+        assert (off[~mask] == 0).all()
+    keep = mask if masked else torch.ones_like(off, dtype=torch.bool)
+    # the latent is nearer the fp weight than the grid point, wherever they differ
+    near = (m.latent.detach() - w).abs() <= (w_q - w).abs() + 1e-7
+    assert near[keep].all()
+    assert (m.latent.detach() - w)[keep].abs().sum() < 0.8 * (w_q - w)[keep].abs().sum()
+    with torch.no_grad():
+        assert torch.allclose(m(x), before, atol=1e-6)  # the same forward: the same codes
+    m.freeze()
+    assert torch.equal(m.codes, codes_before)  # frozen untrained: the latent rounds back to its codes
+    with torch.no_grad():
+        assert torch.allclose(m(x), before, atol=1e-6)
+    with pytest.raises(ValueError, match="does not match"):
+        m.start("ste", w[:, :32])
+
+
 # ---------------------------------------------------------------- CLI pipeline
 
 def test_cli_quantize_export_pipeline(tiny_dir, tiny_text, tmp_path):

@@ -66,15 +66,19 @@ def _row(kw: dict, i: int, batch: int) -> dict:
     return {k: cut(v) for k, v in kw.items()}
 
 
-def block_ap(layer, x_q, y_fp, cfg: QuantizeConfig, seed: int, bf16: bool = False) -> dict:
+def block_ap(layer, x_q, y_fp, cfg: QuantizeConfig, seed: int, bf16: bool = False,
+             reference: dict[str, torch.Tensor] | None = None) -> dict:
     """Train one layer's quantized weights (straight-through), scales and zero points to map
     the quantized-path inputs onto the full-precision outputs (MSE). ``bf16``: matmuls under bf16
-    autocast (the loss, the optimizer and the before/after errors stay float32)."""
-    mods = [m for m in layer.modules() if isinstance(m, QuantLinear)]
+    autocast (the loss, the optimizer and the before/after errors stay float32). ``reference``:
+    the layer's full-precision weights by module name, where each latent starts (inside its cell)."""
+    reference = reference or {}
+    named = [(n, m) for n, m in layer.named_modules() if isinstance(m, QuantLinear)]
+    mods = [m for _, m in named]
     before = _layer_mse(layer, x_q, y_fp)
     snap = {id(m): (m.codes.clone(), m.scale.detach().clone(), m.zero.detach().clone()) for m in mods}
-    for m in mods:
-        m.start("ste")
+    for n, m in named:
+        m.start("ste", reference.get(n))
     groups = [{"params": [m.scale for m in mods], "lr": cfg.block_ap_lr},
               {"params": [m.latent for m in mods], "lr": cfg.block_ap_weight_lr}]
     zeros = [m.zero for m in mods if m.zero.requires_grad]
@@ -178,11 +182,14 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
              else None)
     bar = ctx.progress(total=len(layers), desc="quantize layers", unit="layer") if ctx.progress else None
     t0 = time.perf_counter()
+    reference: dict[str, torch.Tensor] = {}  # the parent's weights (fp16), by module name
+    keep_reference = cfg.recovery in ("ste", "pv") and cfg.train.steps > 0
     try:
         for i, step in enumerate(steps if steps is not None else (None for _ in layers)):
             layer = layers[i]
             stats = step.stats(list(arch.linears)) if step is not None else {}
             errs = {}
+            layer_ref = {}
             layer_bits = set()
             for rel in arch.linears:
                 full = f"{arch.layer_prefix(i)}{rel}"
@@ -193,12 +200,15 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
                 qm = init_linear(lin, q, cfg, h, masks.get(full))
                 if h is not None:
                     errs[rel] = Q.output_error(lin.weight.detach().float(), qm.weight, h)
+                layer_ref[rel] = lin.weight.detach()
+                if keep_reference:
+                    reference[full] = lin.weight.detach().half()  # where recovery's latents start
                 replace_module(layer, rel, qm)
             rec = {"layer": i, "init_rel_error": errs}
             if any_ap and cfg.use_block_ap(min(layer_bits)):
                 with torch.enable_grad():
                     rec["block_ap"] = block_ap(layer, step.inputs, step.reference, cfg, cfg.train.seed * 1000 + i,
-                                              bf16=bf16)
+                                              bf16=bf16, reference=layer_ref)
             summary["layers"].append(rec)
             if bar:
                 bar.update(1)
@@ -217,7 +227,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig, ctx: PassContext) -> PassRes
     recovery: dict[str, Any] = {"mode": cfg.recovery, "kl_heldout_init": kl_init}
     if cfg.recovery != "none" and cfg.train.steps > 0:
         snapshot = _snapshot(student)
-        recovery["train"] = _recover(student, teacher, train_blocks, cfg, ctx)
+        recovery["train"] = _recover(student, teacher, train_blocks, cfg, ctx, reference)
         kl_rec = heldout_kl(student, teacher, held)
         recovery["kl_heldout_recovered"] = kl_rec
         if held.shape[0] and kl_rec > kl_init:
@@ -312,12 +322,13 @@ def _restore(model, snap: dict[str, torch.Tensor]) -> None:
             v.copy_(snap[k])
 
 
-def _recover(student, teacher, blocks, cfg: QuantizeConfig, ctx: PassContext) -> dict:
+def _recover(student, teacher, blocks, cfg: QuantizeConfig, ctx: PassContext,
+             reference: dict[str, torch.Tensor]) -> dict:
     mods = quant_modules(student)
     mode = {"ste": "ste", "pv": "pv", "scales": "frozen"}[cfg.recovery]
     body = {n: m for n, m in mods.items() if n != "lm_head"}
-    for m in body.values():
-        m.start(mode)
+    for n, m in body.items():
+        m.start(mode, reference.get(n))
         m.scale.requires_grad_(True)
         m.zero.requires_grad_(not m.q.sym)
     norms = [p for n, p in student.named_parameters() if n.endswith("norm.weight")] if cfg.train_norms else []
