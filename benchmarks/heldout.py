@@ -66,16 +66,9 @@ def summarize(per: dict[str, dict]) -> dict[str, Any]:
             "worst_ratio": ratios[worst], "worst_domain": worst}
 
 
-def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str],
-                 cache_from: Path | None = None) -> dict[str, Any]:
-    out = work / slug
-    shutil.rmtree(out, ignore_errors=True)
-    cache = work / f"{slug}-cache"
-    shutil.rmtree(cache, ignore_errors=True)
-    if cache_from is not None:  # an earlier row's cache: its converted model and teacher-written text are reused
-        shutil.copytree(cache_from, cache)
-    cmd = [sys.executable, "-m", "compress", "model", "--profile", "cpu-4bit", "--eval-data", str(DATA / "test.txt"),
-           *extra, "--out", str(out), "--json", "--quiet"]
+def run_compress(name: str, cmd: list[str], repo: Path, cache: Path) -> tuple[dict, float]:
+    """Run ``cmd`` (a ``compress ... --json`` command) from ``repo`` with its own cache; its report
+    and wall seconds. A failure ends the benchmark with the command's last error lines."""
     env = {**os.environ, "COMPRESS_CACHE_DIR": str(cache), "PYTHONPATH": str(repo)}
     log(f"{name}: {' '.join(cmd[3:])}")
     t = time.perf_counter()
@@ -83,9 +76,26 @@ def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str],
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed: {proc.stderr.strip()[-1500:]}")
-    rep = json.loads(proc.stdout)
+    return json.loads(proc.stdout), wall
+
+
+def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str],
+                 cache_from: Path | None = None, profile: str = "cpu-4bit") -> dict[str, Any]:
+    out = work / slug
+    shutil.rmtree(out, ignore_errors=True)
+    cache = work / f"{slug}-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    if cache_from is not None:  # an earlier row's cache: its converted model and teacher-written text are reused
+        shutil.copytree(cache_from, cache)
+    cmd = [sys.executable, "-m", "compress", "model", "--profile", profile, "--eval-data", str(DATA / "test.txt"),
+           *extra, "--out", str(out), "--json", "--quiet"]
+    rep, wall = run_compress(name, cmd, repo, cache)
     st = {s["name"].split("-", 1)[1]: s for s in rep["stages"]}
     e, q, src = st["export_onnx"], st["quantize"], st["source"]
+    if e.get("download_bytes") is None:  # a checkout before the report's download column
+        from compress.formats import download_bytes
+
+        e["download_bytes"] = download_bytes(out / e["path"])
     per = {("wikitext-2-test" if n == "test" else n): {k: r.get(k) for k in ("perplexity", "teacher_perplexity", "kl", "top1_agreement", "tokens")}
            for n, r in e["domains"].items()}
     commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -94,6 +104,7 @@ def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str],
     return {"row": name, "kind": "ours", "commit": commit,
             "command": "compress " + " ".join(cmd[3:]).replace(str(DATA), "shared/data/wikitext-2").replace(str(out), "OUT"),
             "wall_seconds": round(wall, 1), "size_bytes": e["weight_bytes"], "teacher_bytes": src["weight_bytes"],
+            "download_bytes": e["download_bytes"], "profile": profile,
             "pass_seconds": {k: s.get("pass_seconds") for k, s in st.items()},
             "domains": per, "summary": summarize(per),
             "fake_quant": {"ratio_geomean": q.get("ratio_geomean"), "ratio_worst": q.get("ratio_worst")},
@@ -196,6 +207,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULT)
     ap.add_argument("--set", action="append", default=[], dest="sets", help="KEY=VALUE override of an ours row")
     ap.add_argument("--row", help="name of an ours row run with --set")
+    ap.add_argument("--profile", default="cpu-4bit", help="the profile of an ours row (e.g. cpu-sparse50-4bit)")
     ap.add_argument("--cache-from", type=Path, help="start the row's cache as a copy of this one (an earlier row's "
                     "*-cache folder): the same teacher-written text, without generating it again")
     args = ap.parse_args()
@@ -219,7 +231,7 @@ def main() -> int:
     sets = [a for kv in args.sets for a in ("--set", kv)]
     if args.only == "ours" and args.row:
         slug = "cpu-4bit-" + "".join(c if c.isalnum() else "-" for c in args.row.lower()).strip("-")[:60]
-        save(pipeline_row(args.row, slug, args.repo, args.work, sets, args.cache_from))
+        save(pipeline_row(args.row, slug, args.repo, args.work, sets, args.cache_from, args.profile))
     elif args.only == "ours":
         save(pipeline_row("ours cpu-4bit (default: the teacher's own text)", "cpu-4bit", args.repo, args.work, []))
     elif args.only == "ours-wikitext":

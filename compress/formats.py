@@ -98,6 +98,27 @@ def weight_bytes(path: Path) -> int:
     return _FORMATS[fmt].weight_bytes(Path(path)) if fmt else 0
 
 
+DOWNLOAD_ZSTD_LEVEL = 3  # zstd's default level; level 19 takes ~30x longer (benchmarks/sparse.py measures both)
+
+
+def download_bytes(path: Path, level: int = DOWNLOAD_ZSTD_LEVEL) -> int:
+    """Bytes of the folder as a device downloads it: every file compressed with zstd at ``level``,
+    one frame per file (what an OTA update or an app bundle ships). Dense kernels load the same
+    bytes whatever the values; zeros and repeated codes shrink only this."""
+    import zstandard
+
+    class Count:  # a sink that only counts what it is given
+        def write(self, data) -> int:
+            return len(data)
+
+    total = 0
+    for f in sorted(Path(path).iterdir()):
+        if f.is_file():
+            with open(f, "rb") as src:
+                total += zstandard.ZstdCompressor(level=level, write_content_size=False).copy_stream(src, Count())[1]
+    return total
+
+
 # ------------------------------------------------------------------------------ built-ins
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from . import __version__
 from .artifact import read_artifact
-from .formats import count_parameters, weight_bytes
+from .formats import count_parameters, download_bytes, weight_bytes
 from .report import now
 
 
@@ -26,6 +26,7 @@ def stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool) ->
         "parameters": man.get("parameters") or count_parameters(d),
         "weight_bytes": weight_bytes(d),
         "disk_bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+        "download_bytes": download_bytes(d),  # the folder's files, zstd-compressed one by one
         "perplexity": metrics.get("perplexity"),
         "kl": metrics.get("kl"),
         "top1_agreement": metrics.get("top1_agreement"),

@@ -62,15 +62,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- training data: {report['training_data'] or 'not used'}",
         f"- compress {report['tool_version']}, {report['created']}, total {report['total_seconds']:.1f} s",
         "",
-        "| # | stage | parameters | weights MB | on disk MB | perplexity | × teacher | KL | top-1 agree | "
-        "× teacher, geo-mean of domains | worst domain × | pass s | eval s | cached |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | stage | parameters | weights MB | on disk MB | download MB (zstd) | perplexity | × teacher | KL | "
+        "top-1 agree | × teacher, geo-mean of domains | worst domain × | pass s | eval s | cached |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = report["stages"][0].get("perplexity") if report["stages"] else None
     for s in report["stages"]:
         ratio = s["perplexity"] / base if base and s.get("perplexity") else None
         lines.append(
             f"| {s['index']} | {s['name']} | {s['parameters']:,} | {_mb(s['weight_bytes'])} | {_mb(s.get('disk_bytes'))} | "
+            f"{_mb(s.get('download_bytes'))} | "
             f"{_fmt(s.get('perplexity'), '.3f')} | {_fmt(ratio, '.3f')} | {_fmt(_kl(s.get('kl')), '.4f')} | "
             f"{_fmt(s.get('top1_agreement'), '.3f')} | {_fmt(s.get('ratio_geomean'), '.3f')} | "
             f"{_worst(s)} | {_fmt(s.get('pass_seconds'), '.1f')} | "
@@ -133,7 +134,9 @@ def summary_table(report: dict[str, Any]) -> list[str]:
              f"| KL to the teacher (nats/token) | 0 | {_fmt(_kl(c.get('kl')), '.4f')} | |",
              f"| top-1 agreement | 1.000 | {_fmt(c.get('top1_agreement'), '.3f')} | |",
              f"| weights on disk, MB | {_mb(t.get('weight_bytes'))} | {_mb(c.get('weight_bytes'))} | "
-             f"{ratio(t.get('weight_bytes'), c.get('weight_bytes'))} |"]
+             f"{ratio(t.get('weight_bytes'), c.get('weight_bytes'))} |",
+             f"| download (the folder, zstd), MB | {_mb(t.get('download_bytes'))} | {_mb(c.get('download_bytes'))} | "
+             f"{ratio(t.get('download_bytes'), c.get('download_bytes'))} |"]
     if tl or cl:
         lines += [
             f"| decode tok/s | {_fmt(tps(tl, 'decode_tokens_per_second'), '.1f')} | "

@@ -4,6 +4,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,11 +148,11 @@ def test_report_ends_with_teacher_vs_compressed_table():
         "total_seconds": 1.0, "evaluation": {"data": "held-out", "max_tokens": 1024, "window": 512},
         "stages": [
             {**stage, "index": 0, "name": "00-source", "pass": "source", "format": "hf", "weight_bytes": 500e6,
-             "perplexity": 20.0, "kl": 0.0, "top1_agreement": 1.0},
+             "download_bytes": 400e6, "perplexity": 20.0, "kl": 0.0, "top1_agreement": 1.0},
             {**stage, "index": 1, "name": "01-quantize", "pass": "quantize", "format": "quantized",
              "weight_bytes": 95e6, "perplexity": 24.0, "kl": 0.2, "top1_agreement": 0.8},
             {**stage, "index": 2, "name": "02-export_onnx", "pass": "export_onnx", "format": "onnx",
-             "weight_bytes": 100e6, "perplexity": 25.0, "kl": 0.25, "top1_agreement": 0.75},
+             "weight_bytes": 100e6, "download_bytes": 80e6, "perplexity": 25.0, "kl": 0.25, "top1_agreement": 0.75},
             {**stage, "index": 3, "name": "03-profile_latency", "pass": "profile_latency", "format": "onnx",
              "changes_model": False,
              "weight_bytes": 100e6, "perplexity": 25.0, "kl": 0.25, "top1_agreement": 0.75,
@@ -163,8 +164,30 @@ def test_report_ends_with_teacher_vs_compressed_table():
     assert "| perplexity (held-out) | 20.000 | 25.000 | ×1.250 |" in tail
     assert "geometric mean" not in tail  # no domains recorded: no domain rows
     assert "| weights on disk, MB | 500.0 | 100.0 | ×0.200 |" in tail
+    assert "| download (the folder, zstd), MB | 400.0 | 80.0 | ×0.200 |" in tail
     assert "| decode tok/s | 19.0 | 190.0 | ×10.00 |" in tail and "| prefill tok/s | 425.0 | 850.0 | ×2.00 |" in tail
     report["stages"][3]["latency"] = None
     assert render_markdown(report).rstrip().endswith("the compressed model as deployed.")  # printed last, under the prompt
     report["stages"] = report["stages"][:1]  # nothing compressed: no table
     assert "Teacher vs compressed" not in render_markdown(report)
+
+
+def test_download_bytes_is_the_zstd_size_of_every_file(tmp_path):
+    import zstandard
+
+    from compress.formats import download_bytes
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "zeros.bin").write_bytes(np.zeros(3 << 20, np.uint8).tobytes())
+    (tmp_path / "noise.bin").write_bytes(rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
+    half = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    half[::2] = 0
+    (tmp_path / "half.bin").write_bytes(half.tobytes())
+    (tmp_path / "sub").mkdir()  # folders are not part of the download
+    (tmp_path / "sub" / "x.bin").write_bytes(rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
+    one_shot = {f.name: len(zstandard.ZstdCompressor(level=3).compress(f.read_bytes()))
+                for f in tmp_path.iterdir() if f.is_file()}
+    n = download_bytes(tmp_path)
+    assert abs(n - sum(one_shot.values())) <= 64  # frame headers only
+    assert one_shot["zeros.bin"] < 1000 and one_shot["noise.bin"] > (1 << 20)
+    assert 0.55 < one_shot["half.bin"] / (1 << 20) < 0.8  # zeros at every other byte: about half

@@ -1,0 +1,173 @@
+"""Sparse fine-tuning (issue 17): one-shot pruning methods, recovery losses at equal tokens, and
+what sparsity buys a device user (the zstd download), on the embedded SmolLM2-135M.
+
+Every row is `compress model` with a profile written here, run in `--repo` (a fresh clone), with
+`--data wikitext-2/valid.txt` and `data.mix: 0` (calibration and training on wikitext-2 *valid*
+only), evaluated on the first 40,960 tokens of wikitext-2 *test* in 512-token windows: perplexity,
+its ratio to the teacher on the same windows, KL to the teacher, top-1 agreement. Sizes: the
+weights on disk and the whole stage folder compressed file by file with zstd (level 3, what the
+report prints; `--level19` adds level 19 for the exports).
+
+Rows (`--rows`, comma-separated; all by default)
+- `magnitude50`, `wanda50`, `sparsegpt50`: 50 % unstructured, one-shot (no training).
+- `sparsegpt50-ce`, `sparsegpt50-kd`, `sparsegpt50-sq`: SparseGPT 50 %, then 40 steps x 4 x 512
+  tokens (81,920) with the masks fixed: CE only; CE + logit KD (forward KL, T 1); CE + SquareHead
+  (the authors' recipe, ours). LR 3e-5 (the authors' rate up to 50 %).
+- `sparsegpt24`, `sparsegpt24-ce`, `sparsegpt24-kd`, `sparsegpt24-sq`: the same at 2:4 (LR 1e-4).
+- `sparsegpt70-sq`: 70 % unstructured + SquareHead (LR 8e-5).
+- `sparse50-4bit`: profile cpu-sparse50-4bit end to end (SparseGPT 50 % + SquareHead, cpu-4bit's
+  quantization, MatMulNBits export): the deployed ONNX.
+- `dense-4bit`: profile cpu-4bit end to end on the same data: the dense model at the same format.
+
+    python benchmarks/sparse.py --repo /work/fresh17 [--rows sparsegpt50,sparsegpt50-sq] [--level19]
+
+Result: benchmarks/results/sparse.json (rows merge across invocations). wikitext-2: CC BY-SA 3.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from heldout import log, run_compress  # noqa: E402  (one way to run a row: the CLI in a fresh clone)
+
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+RESULT = ROOT / "benchmarks" / "results" / "sparse.json"
+TOKENS, WINDOW = 40960, 512
+STEPS, BATCH = 40, 4  # 81,920 training tokens per trained row
+
+LOSSES = {"ce": {"ce": 1.0, "kl": 0.0, "squarehead": 0.0},
+          "kd": {"ce": 1.0, "kl": 1.0, "squarehead": 0.0},
+          "sq": {"ce": 1.0, "kl": 0.0, "squarehead": 1.0}}
+
+
+def sparse_ft(method: str, sparsity: float, pattern: str, loss: str | None, lr: float) -> dict:
+    cfg = {"method": method, "sparsity": sparsity, "pattern": pattern, "calibration_blocks": 32, "heldout_blocks": 4}
+    if loss is None:
+        return {**cfg, "steps": 0}
+    return {**cfg, "steps": STEPS, "batch_size": BATCH, "lr": lr, "warmup_steps": 4, "schedule": "linear",
+            **LOSSES[loss]}
+
+
+def rows() -> dict[str, dict]:
+    """Row name -> {"passes": [...]} or {"profile": NAME} (a shipped profile, run as users run it)."""
+    out: dict[str, dict] = {}
+    for m in ("magnitude", "wanda", "sparsegpt"):
+        out[f"{m}50"] = {"passes": [{"name": "sparse_ft", "config": sparse_ft(m, 0.5, "unstructured", None, 0)}]}
+    for loss in LOSSES:
+        out[f"sparsegpt50-{loss}"] = {"passes": [{"name": "sparse_ft",
+                                                  "config": sparse_ft("sparsegpt", 0.5, "unstructured", loss, 3e-5)}]}
+    out["sparsegpt24"] = {"passes": [{"name": "sparse_ft", "config": sparse_ft("sparsegpt", 0.5, "2:4", None, 0)}]}
+    for loss in LOSSES:
+        out[f"sparsegpt24-{loss}"] = {"passes": [{"name": "sparse_ft",
+                                                  "config": sparse_ft("sparsegpt", 0.5, "2:4", loss, 1e-4)}]}
+    out["sparsegpt70-sq"] = {"passes": [{"name": "sparse_ft",
+                                         "config": sparse_ft("sparsegpt", 0.7, "unstructured", "sq", 8e-5)}]}
+    out["sparse50-4bit"] = {"profile": "cpu-sparse50-4bit"}
+    out["dense-4bit"] = {"profile": "cpu-4bit"}
+    return out
+
+
+def write_profile(path: Path, name: str, spec: dict) -> Path:
+    """A shipped profile with this benchmark's data and evaluation, or a profile of the row's passes."""
+    import yaml
+
+    if "profile" in spec:
+        from compress.profiles import profile_path
+
+        raw = yaml.safe_load(profile_path(spec["profile"]).read_text())
+    else:
+        raw = {"target": "cpu", "passes": spec["passes"]}
+    raw.update(description=f"benchmarks/sparse.py row {name}", data={"mix": 0.0},
+               evaluation={"max_tokens": TOKENS, "window": WINDOW, "domains": []})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_row(name: str, spec: dict, repo: Path, work: Path, cache: Path, level19: bool) -> dict[str, Any]:
+    from compress.formats import download_bytes
+
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    prof = write_profile(work / f"{name}.yaml", name, spec)
+    cmd = [sys.executable, "-m", "compress", "model", "--profile", str(prof), "--data", str(DATA / "valid.txt"),
+           "--eval-data", str(DATA / "test.txt"), "--out", str(out), "--json", "--quiet"]
+    rep, wall = run_compress(name, cmd, repo, cache)
+    st = rep["stages"]
+    teacher = st[0]
+    made = [s for s in st[1:] if s.get("changes_model", True) and s.get("perplexity") is not None]
+    final = made[-1]
+    sp = next((s for s in st if s.get("pass") == "sparse_ft"), None)
+    spm = (sp or {}).get("pass_metrics", {}).get("sparse_ft", {})
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    row = {"row": name, "commit": commit, "spec": spec, "wall_seconds": round(wall, 1),
+           "command": "compress " + " ".join(cmd[3:]).replace(str(DATA), "shared/data/wikitext-2")
+           .replace(str(out), "OUT").replace(str(prof), f"benchmarks/_work/sparse/{prof.name}"),
+           "stage": final["name"], "format": final["format"],
+           "perplexity": final["perplexity"], "teacher_perplexity": teacher["perplexity"],
+           "ratio": final["perplexity"] / teacher["perplexity"], "kl": final.get("kl"),
+           "top1_agreement": final.get("top1_agreement"), "eval_tokens": final.get("eval_tokens"),
+           "weight_bytes": final["weight_bytes"], "download_bytes": final.get("download_bytes"),
+           "teacher_weight_bytes": teacher["weight_bytes"], "teacher_download_bytes": teacher.get("download_bytes"),
+           "pass_seconds": {s["name"]: s.get("pass_seconds") for s in st[1:]},
+           "sparse_ft": {**{k: spm[k] for k in ("sparsity", "kl_heldout_oneshot", "kl_heldout_tuned", "prune_seconds",
+                                                 "seconds") if k in spm},
+                         "train": {k: v for k, v in (spm.get("train") or {}).items() if not isinstance(v, list)}},
+           "latency": final.get("latency") or next((s.get("latency") for s in st if s.get("latency")), None)}
+    if row["download_bytes"] is None:  # an older checkout: its report has no download column
+        row["download_bytes"] = download_bytes(out / final["path"])
+    if level19 and final["format"] == "onnx":
+        row["download_bytes_zstd19"] = download_bytes(out / final["path"], level=19)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", type=Path, default=ROOT, help="the checkout that runs the rows (a fresh clone)")
+    ap.add_argument("--rows", help="comma-separated row names (default: all)")
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "sparse")
+    ap.add_argument("--level19", action="store_true", help="also zstd level 19 of the ONNX exports")
+    ap.add_argument("--out", type=Path, default=RESULT)
+    args = ap.parse_args()
+    table = rows()
+    names = args.rows.split(",") if args.rows else list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; known: {', '.join(table)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    from importlib.metadata import version
+
+    from compress.hardware import cpu_name, fast_bf16
+
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {"benchmark": "sparse", "rows": {}}
+    result.update(machine={"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                           "bf16_fast": fast_bf16()[0],
+                           **{n: version(n) for n in ("torch", "transformers", "onnxruntime")}},
+                  protocol=f"train/calibrate on wikitext-2 valid (data.mix 0); first {TOKENS} wikitext-2 test tokens, "
+                           f"{WINDOW}-token windows; trained rows {STEPS} steps x {BATCH} x 512 tokens")
+    cache = args.work / "cache"  # the converted teacher, shared by every row
+    for name in names:
+        row = run_row(name, table[name], args.repo, args.work, cache, args.level19)
+        row["date"] = time.strftime("%Y-%m-%d")
+        result["rows"][name] = row
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"{name}: ppl {row['perplexity']:.3f} (x{row['ratio']:.3f}), KL {row['kl']:.4f}, "
+            f"{row['weight_bytes'] / 1e6:.1f} MB, zstd {row['download_bytes'] / 1e6:.1f} MB, {row['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
