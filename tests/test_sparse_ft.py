@@ -51,6 +51,15 @@ def test_pipeline_prunes_exactly_and_the_zeros_reach_the_onnx_weights(tiny_dir, 
     m = st["sparse_ft"]["pass_metrics"]["sparse_ft"]
     assert m["kl_heldout_tuned"] < m["kl_heldout_oneshot"]
     assert "dense" in "\n".join(st["sparse_ft"]["report"])
+    # a user's runtime, from text: onnxruntime-genai's tokenizer and loop give our ONNX Runtime's greedy tokens
+    from conftest import genai_generate
+    from exporters.onnx.runtime import Decoder
+    from transformers import AutoTokenizer
+
+    onnx = stages / "03-export_onnx"
+    got, _ = genai_generate(onnx, "The quick brown fox", 12)
+    prompt = AutoTokenizer.from_pretrained(onnx)("The quick brown fox")["input_ids"]
+    assert got == Decoder(onnx).generate(prompt, 12)
 
 
 @pytest.mark.parametrize("sets, message", [
