@@ -109,7 +109,7 @@ def test_self_data_is_sized_to_the_passes_needs():
 
     cfg = DataConfig(max_new_tokens=256)
     per = TOKENS_PER_ANSWER[0] + TOKENS_PER_ANSWER[1] * 256
-    assert self_prompt_count(cfg, 84) == -(-84 * 512 // int(per))  # cpu-4bit: 4 held out + max(32 calibration, 40 x 2)
+    assert self_prompt_count(cfg, 84) == -(-84 * 512 // int(per))  # 4 held out + max(32 calibration, 40 x 2)
     assert self_prompt_count(cfg, 10) == 64  # a floor for variety
     assert self_prompt_count(cfg, 10**6) == len(split_prompts(10**9, 0)[0])  # at most the training half
     assert self_prompt_count(DataConfig(num_prompts=7), 10**6) == 7  # an explicit count wins
