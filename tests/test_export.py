@@ -178,3 +178,26 @@ def test_corrupt_export_is_a_user_error(tiny_export, tmp_path):
     (bad / "genai_config.json").write_text("{")
     with pytest.raises(UserError, match="corrupt"):
         Decoder(bad)
+
+
+def test_weight_zeros_reads_external_data_that_another_stage_hard_links(tmp_path):
+    """A pipeline's profiling stage hard-links the export's data file; onnx.load refuses such a file
+    (a 'hardlink attack'), so the zero count reads the external data itself."""
+    import os
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.onnx.weights import weight_zeros
+
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32) % 7  # 0 at every 7th weight
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="layers.0.mlp")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [numpy_helper.from_array(w, "w")])
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    os.link(tmp_path / "model.onnx.data", tmp_path / "linked.data")
+    [row] = weight_zeros(tmp_path)
+    assert row["weights"] == w.size and row["zeros"] == int((w == 0).sum()) == 293

@@ -29,11 +29,28 @@ def weight_zeros(folder: str | Path, filename: str = "model.onnx") -> list[dict[
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(Path(folder) / filename), load_external_data=True)
+    folder = Path(folder)
+    # external data read here, not by onnx.load: onnx refuses a data file with several hard links,
+    # and a pipeline's stages share theirs (the profiling stage links the export's files)
+    model = onnx.load(str(folder / filename), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
 
     def array(name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+        if name not in inits:
+            return None
+        t = inits[name]
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        if not location or Path(location).name != location:
+            raise ValueError(f"{name}: external data outside the folder ({location!r})")
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        count = int(np.prod(t.dims)) if len(t.dims) else 1
+        with open(folder / location, "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            raw = f.read(int(info.get("length", count * dtype.itemsize)))
+        return np.frombuffer(raw, dtype=dtype, count=count).reshape(tuple(t.dims))
 
     rows = []
     for node in model.graph.node:
