@@ -114,7 +114,7 @@ def run_row(name: str, spec: dict, repo: Path, work: Path, cache: Path, level19:
                             text=True).stdout.strip()
     row = {"row": name, "commit": commit, "spec": spec, "wall_seconds": round(wall, 1),
            "command": "compress " + " ".join(cmd[3:]).replace(str(DATA), "shared/data/wikitext-2")
-           .replace(str(out), "OUT").replace(str(prof), f"benchmarks/_work/sparse/{prof.name}"),
+           .replace(str(prof), f"benchmarks/_work/sparse/{prof.name}").replace(str(out), "OUT"),
            "stage": final["name"], "format": final["format"],
            "perplexity": final["perplexity"], "teacher_perplexity": teacher["perplexity"],
            "ratio": final["perplexity"] / teacher["perplexity"], "kl": final.get("kl"),
@@ -128,9 +128,32 @@ def run_row(name: str, spec: dict, repo: Path, work: Path, cache: Path, level19:
            "latency": final.get("latency") or next((s.get("latency") for s in st if s.get("latency")), None)}
     if row["download_bytes"] is None:  # an older checkout: its report has no download column
         row["download_bytes"] = download_bytes(out / final["path"])
+    if final["format"] == "onnx" and sp is not None:  # the zeros as deployed, per decoder matrix of the graph
+        from exporters.onnx.weights import weight_zeros
+
+        mats = [r for r in weight_zeros(out / final["path"]) if "layers" in r["node"]]
+        row["export_zeros"] = {"matrices": len(mats), "min_fraction": min(r["fraction"] for r in mats),
+                               "fraction": sum(r["zeros"] for r in mats) / sum(r["weights"] for r in mats)}
     if level19 and final["format"] == "onnx":
         row["download_bytes_zstd19"] = download_bytes(out / final["path"], level=19)
     return row
+
+
+def render(result: dict) -> str:
+    """The rows as BENCHMARKS.md's table."""
+    lines = ["| row | sparsity | perplexity | × teacher | KL | top-1 | weights MB | download MB (zstd 3) | "
+             "held-out KL one-shot → tuned | pass s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result["rows"].items():
+        sp = r.get("sparse_ft") or {}
+        kl = (f"{sp['kl_heldout_oneshot']:.3f}" + (f" → {sp['kl_heldout_tuned']:.3f}" if "kl_heldout_tuned" in sp else "")
+              if "kl_heldout_oneshot" in sp else "—")
+        zeros = r.get("export_zeros")
+        frac = (f"{100 * zeros['fraction']:.2f} % (min {100 * zeros['min_fraction']:.2f} %)" if zeros
+                else (f"{100 * sp['sparsity']:.1f} %" if "sparsity" in sp else "0"))
+        lines.append(f"| `{name}` | {frac} | {r['perplexity']:.3f} | {r['ratio']:.3f} | {r['kl']:.4f} | "
+                     f"{r['top1_agreement']:.3f} | {r['weight_bytes'] / 1e6:.1f} | {r['download_bytes'] / 1e6:.1f} | {kl} | "
+                     f"{sum(v or 0 for v in r['pass_seconds'].values()):.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -140,7 +163,11 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "sparse")
     ap.add_argument("--level19", action="store_true", help="also zstd level 19 of the ONNX exports")
     ap.add_argument("--out", type=Path, default=RESULT)
+    ap.add_argument("--render", action="store_true", help="print the result as a markdown table and stop")
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(args.out.read_text())))
+        return 0
     table = rows()
     names = args.rows.split(",") if args.rows else list(table)
     unknown = [n for n in names if n not in table]
