@@ -20,6 +20,7 @@ Rows (`--rows`, comma-separated; all by default)
 - `dense-4bit`: profile cpu-4bit end to end on the same data: the dense model at the same format.
 
     python benchmarks/sparse.py --repo /work/fresh17 [--rows sparsegpt50,sparsegpt50-sq] [--level19]
+    COMPRESS_CACHE_DIR=benchmarks/_work/heldout/cpu-4bit-cache python benchmarks/sparse.py --heldout ROW,ROW
 
 Result: benchmarks/results/sparse.json (rows merge across invocations). wikitext-2: CC BY-SA 3.0.
 """
@@ -40,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from heldout import log, run_compress  # noqa: E402  (one way to run a row: the CLI in a fresh clone)
+from heldout import log, run_compress, summarize  # noqa: E402  (one way to run a row: the CLI in a fresh clone)
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULT = ROOT / "benchmarks" / "results" / "sparse.json"
@@ -139,6 +140,25 @@ def run_row(name: str, spec: dict, repo: Path, work: Path, cache: Path, level19:
     return row
 
 
+def heldout_domains(row: dict, work: Path) -> dict[str, Any]:
+    """The row's final stage on the held-out domains of benchmarks/heldout.py (wikitext-2 test,
+    the teacher's answers, stdlib code and docstrings; 16,384 tokens each): is a row's wikitext-2
+    figure adaptation to the domain it trained on, or closeness to the teacher?"""
+    from compress import api
+    from compress.models import model_folder
+    from compress.sources import resolve_source_ref
+    from heldout import DOMAINS, TOKENS as HELD_TOKENS, WINDOW as HELD_WINDOW
+
+    folder = work / row["row"] / "stages" / row["stage"]
+    t = time.perf_counter()
+    r = api.evaluate(str(folder), data=[str(DATA / "test.txt")], domains=DOMAINS, max_tokens=HELD_TOKENS,
+                     window=HELD_WINDOW, teacher=str(model_folder(resolve_source_ref(None), quiet=True)), quiet=True)
+    per = {("wikitext-2-test" if n == "test" else n): {k: v.get(k) for k in ("perplexity", "teacher_perplexity", "kl",
+                                                                            "top1_agreement", "tokens")}
+           for n, v in r["domains"].items()}
+    return {"domains": per, "summary": summarize(per), "eval_seconds": round(time.perf_counter() - t, 1)}
+
+
 def render(result: dict) -> str:
     """The rows as BENCHMARKS.md's table."""
     lines = ["| row | sparsity | perplexity | × teacher | KL | top-1 | weights MB | download MB (zstd 3) | "
@@ -164,9 +184,20 @@ def main() -> int:
     ap.add_argument("--level19", action="store_true", help="also zstd level 19 of the ONNX exports")
     ap.add_argument("--out", type=Path, default=RESULT)
     ap.add_argument("--render", action="store_true", help="print the result as a markdown table and stop")
+    ap.add_argument("--heldout", help="comma-separated rows already run: evaluate their final stage on the held-out "
+                    "domains of heldout.py (set COMPRESS_CACHE_DIR to a cache holding the teacher's answers)")
     args = ap.parse_args()
     if args.render:
         print(render(json.loads(args.out.read_text())))
+        return 0
+    if args.heldout:
+        result = json.loads(args.out.read_text())
+        for name in args.heldout.split(","):
+            result["rows"][name]["heldout"] = heldout_domains(result["rows"][name], args.work)
+            h = result["rows"][name]["heldout"]
+            log(f"{name}: " + ", ".join(f"{n} x{v:.3f}" for n, v in h["summary"]["ratios"].items())
+                + f"; geomean x{h['summary']['geomean_ratio']:.3f}")
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
         return 0
     table = rows()
     names = args.rows.split(",") if args.rows else list(table)
