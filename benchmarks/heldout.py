@@ -114,17 +114,23 @@ def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str],
                 "and no teacher text generation in the wall time"} if cache_from else {})}
 
 
-def onnx_row(name: str, folder: Path, teacher: Path, kind: str) -> dict[str, Any]:
+def evaluate_heldout(folder: Path, teacher: Path) -> tuple[dict[str, dict], float]:
+    """``compress eval``'s code on this benchmark's four domains: per-domain figures and seconds."""
     from compress import api
 
-    log(f"{name}: compress eval {folder}")
     t = time.perf_counter()
     r = api.evaluate(str(folder), data=[str(DATA / "test.txt")], domains=DOMAINS, max_tokens=TOKENS, window=WINDOW,
                      teacher=str(teacher), quiet=True)
     per = {("wikitext-2-test" if n == "test" else n): {k: v.get(k) for k in ("perplexity", "teacher_perplexity", "kl", "top1_agreement", "tokens")}
            for n, v in r["domains"].items()}
+    return per, round(time.perf_counter() - t, 1)
+
+
+def onnx_row(name: str, folder: Path, teacher: Path, kind: str) -> dict[str, Any]:
+    log(f"{name}: compress eval {folder}")
+    per, seconds = evaluate_heldout(folder, teacher)
     return {"row": name, "kind": kind, "size_bytes": folder_bytes(folder), "domains": per, "summary": summarize(per),
-            "eval_seconds": round(time.perf_counter() - t, 1), "folder": str(folder),
+            "eval_seconds": seconds, "folder": str(folder),
             "evaluated_as": "ONNX Runtime through compress eval (the folder's own graph)"}
 
 

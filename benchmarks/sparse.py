@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from heldout import log, run_compress, summarize  # noqa: E402  (one way to run a row: the CLI in a fresh clone)
+from heldout import evaluate_heldout, log, run_compress, summarize  # noqa: E402  (one way to run a row: the CLI in a fresh clone)
 
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
 RESULT = ROOT / "benchmarks" / "results" / "sparse.json"
@@ -144,19 +144,12 @@ def heldout_domains(row: dict, work: Path) -> dict[str, Any]:
     """The row's final stage on the held-out domains of benchmarks/heldout.py (wikitext-2 test,
     the teacher's answers, stdlib code and docstrings; 16,384 tokens each): is a row's wikitext-2
     figure adaptation to the domain it trained on, or closeness to the teacher?"""
-    from compress import api
     from compress.models import model_folder
     from compress.sources import resolve_source_ref
-    from heldout import DOMAINS, TOKENS as HELD_TOKENS, WINDOW as HELD_WINDOW
 
-    folder = work / row["row"] / "stages" / row["stage"]
-    t = time.perf_counter()
-    r = api.evaluate(str(folder), data=[str(DATA / "test.txt")], domains=DOMAINS, max_tokens=HELD_TOKENS,
-                     window=HELD_WINDOW, teacher=str(model_folder(resolve_source_ref(None), quiet=True)), quiet=True)
-    per = {("wikitext-2-test" if n == "test" else n): {k: v.get(k) for k in ("perplexity", "teacher_perplexity", "kl",
-                                                                            "top1_agreement", "tokens")}
-           for n, v in r["domains"].items()}
-    return {"domains": per, "summary": summarize(per), "eval_seconds": round(time.perf_counter() - t, 1)}
+    per, seconds = evaluate_heldout(work / row["row"] / "stages" / row["stage"],
+                                    model_folder(resolve_source_ref(None), quiet=True))
+    return {"domains": per, "summary": summarize(per), "eval_seconds": seconds}
 
 
 def render(result: dict) -> str:
