@@ -48,6 +48,24 @@ class STELinear(torch.nn.Module):
         return F.linear(x, w.to(x.dtype))
 
 
+def kl_step(student, teacher, ids: torch.Tensor, opt, scales: list, auto) -> torch.Tensor:
+    """One step of the naive recipe: forward KL(teacher || student) per token under ``auto``
+    (bf16 autocast or none), a plain optimizer step, scales kept positive. Returns the loss."""
+    with auto:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits
+        s_logits = student(input_ids=ids).logits
+    loss = F.kl_div(F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1), log_target=True,
+                    reduction="batchmean") / ids.shape[1]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for s in scales:
+            s.clamp_(min=1e-8)
+    return loss.detach()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=100)
@@ -90,18 +108,7 @@ def main() -> int:
     for step in range(1, args.steps + 1):
         t = time.perf_counter()
         ids = blocks[order[(torch.arange(4) + 4 * (step - 1)) % blocks.shape[0]]]
-        with auto:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids).logits
-            s_logits = student(input_ids=ids).logits
-        loss = F.kl_div(F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1), log_target=True,
-                        reduction="batchmean") / ids.shape[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for m in ste:
-                m.scale.clamp_(min=1e-8)
+        loss = kl_step(student, teacher, ids, opt, [m.scale for m in ste], auto)
         seconds += time.perf_counter() - t
         print(f"step {step} loss {loss.item():.4f} {seconds:.0f} s", file=sys.stderr, flush=True)
         if step in at:

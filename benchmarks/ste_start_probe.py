@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from naive_qat import kl_step  # noqa: E402  (the probe must train exactly as the naive recipe does)
 
 
 def main() -> int:
@@ -39,7 +40,6 @@ def main() -> int:
     from compress.data import pack_blocks, read_documents, self_data_spec, token_stream
     from compress.hardware import fast_bf16
     from compress.models import load_model, load_tokenizer, model_folder
-    from compress.ops import quant as Q
     from compress.quantized import load_quantized, quant_modules
     from compress.sources import resolve_source_ref, source_id
 
@@ -61,15 +61,11 @@ def main() -> int:
             p.requires_grad_(False)
         mods = {n: m for n, m in quant_modules(student).items() if n != "lm_head"}
         for name, m in mods.items():
-            m.start("ste")
+            # codes_subgrid: the same codes, the latent inside its cell towards the fp weight (the pass's start)
+            m.start("ste", teacher.get_submodule(name).weight if start == "codes_subgrid" else None)
             if start == "fp_weights":
                 with torch.no_grad():
                     m.latent.copy_(teacher.get_submodule(name).weight)
-            elif start == "codes_subgrid":  # rounds to the same codes, but sits where the fp weight points inside its cell
-                with torch.no_grad():
-                    half = 0.49 * Q.expand(m.scale, m.q.group, m.in_features)
-                    fp = teacher.get_submodule(name).weight
-                    m.latent.add_(torch.maximum(torch.minimum(fp - m.latent, half), -half))
             m.scale.requires_grad_(True)
             m.zero.requires_grad_(True)
         opt = torch.optim.AdamW([{"params": [m.latent for m in mods.values()], "lr": 1e-5},
@@ -78,19 +74,8 @@ def main() -> int:
         losses = []
         for step in range(args.steps):
             ids = blocks[(torch.arange(4) + 4 * step) % blocks.shape[0]]
-            with auto:
-                with torch.no_grad():
-                    t = teacher(input_ids=ids).logits
-                s = student(input_ids=ids).logits
-            loss = F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1), log_target=True,
-                            reduction="batchmean") / ids.shape[1]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for m in mods.values():
-                    m.scale.clamp_(min=1e-8)
-            losses.append(round(float(loss.detach()), 4))
+            loss = kl_step(student, teacher, ids, opt, [m.scale for m in mods.values()], auto)
+            losses.append(round(float(loss), 4))
             print(start, step + 1, losses[-1], flush=True)
         result["runs"][start] = losses
     args.out.write_text(json.dumps(result, indent=2) + "\n")
