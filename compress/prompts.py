@@ -6,14 +6,22 @@ that a model recovered on the teacher's answers holds on text nobody tuned on: e
 writing (computing topics x documentation styles), narrative, dialogue, lists, and math word
 problems (numbers drawn from a fixed seed), plus standalone tasks (rewriting, reasoning).
 The kinds are interleaved so that any prefix of the set covers all of them. None is a
-benchmark prompt. Every eighth prompt is held out for evaluation and never trained on.
+benchmark prompt. Every eighth prompt of these is held out for evaluation and never trained on.
 
-Change the text and you must bump ``PROMPT_SET_VERSION`` (it keys the data cache).
+Since version 3 a seventh kind, encyclopedia articles (history, places, people, species,
+storms, ships, roads, sport, music, games), is interleaved into the *training* prompts only:
+their answers are kept as plain prose without the chat wrapper, the kind of text an
+encyclopedia (and wikitext) holds and chat answers do not. The held-out prompts are those of
+version 2, so the ``answers`` domain is unchanged.
+
+Change the training text and you must bump ``PROMPT_SET_VERSION``; change the held-out prompts
+and you must bump ``HELDOUT_SET_VERSION`` (they key the data cache).
 """
 
 from __future__ import annotations
 
-PROMPT_SET_VERSION = 2
+PROMPT_SET_VERSION = 3  # the training prompts
+HELDOUT_SET_VERSION = 2  # the held-out prompts (the `answers` domain)
 
 TOPICS = (
     "photosynthesis", "the water cycle", "volcanoes", "the moon's phases", "black holes",
@@ -181,6 +189,36 @@ MATH_TEMPLATES = (
 
 MATH_PROBLEMS = 40
 
+ARTICLE_SUBJECTS = (
+    "the Battle of Hastings", "the Hundred Years' War", "the Great Fire of London", "the Byzantine Empire",
+    "the Hanseatic League", "the Ottoman siege of Vienna", "the Meiji Restoration", "the War of 1812",
+    "a hurricane that struck the Gulf of Mexico in the 1990s", "a tropical storm in the western Pacific",
+    "the 1906 San Francisco earthquake", "the eruption of Mount Tambora",
+    "a Royal Navy battleship of the First World War", "a United States Navy destroyer of the Second World War",
+    "a nineteenth-century clipper ship", "a state highway in Michigan", "a railway line in northern England",
+    "a medieval cathedral in France", "a Roman fort on Hadrian's Wall", "a lighthouse on the coast of Maine",
+    "the city of Kraków", "the river Danube", "the island of Tasmania", "a national park in the Rocky Mountains",
+    "a small town in Ohio", "the Atacama Desert",
+    "a nineteenth-century Irish novelist", "an English football club founded in the 1880s",
+    "a Brazilian footballer of the 1970s", "an American baseball pitcher of the 1920s", "a cricket test series",
+    "a Renaissance painter from Venice", "a German composer of the Baroque era", "a suffragette from Manchester",
+    "a Roman emperor of the third century", "an Australian prime minister",
+    "the European robin", "a species of fungus found in pine forests", "the blue whale", "a species of hawk",
+    "a flowering plant native to South Africa", "a dinosaur of the Late Cretaceous",
+    "a rock album released in 1971", "a jazz standard of the 1930s", "a hit single of the 1980s",
+    "a role-playing video game released in 1998", "an episode of a long-running animated television series",
+    "a science fiction novel of the 1950s",
+)
+
+ARTICLE_TEMPLATES = (
+    "Write an encyclopedia article about {t}, with a lead section and sections on its history and legacy.",
+    "Write the History section of a Wikipedia-style article about {t}.",
+    "Write a detailed, neutral encyclopedia entry about {t}, as prose paragraphs without lists.",
+)
+
+# one training prompt in this many is an encyclopedia article (their answers are plain prose)
+ARTICLE_EVERY = 4
+
 
 def _math_prompts() -> list[str]:
     import random
@@ -233,9 +271,31 @@ def prompt_set() -> list[str]:
     return [p for p in out if not (p in seen or seen.add(p))]
 
 
+def article_prompts() -> list[str]:
+    """The encyclopedia-article prompts (training only), varying fastest in the subject."""
+    return [ARTICLE_TEMPLATES[(i + j) % len(ARTICLE_TEMPLATES)].format(t=t)
+            for j in range(len(ARTICLE_TEMPLATES)) for i, t in enumerate(ARTICLE_SUBJECTS)]
+
+
+_ARTICLES = frozenset(article_prompts())
+
+
+def is_article(prompt: str) -> bool:
+    """Whether the teacher's answer to ``prompt`` is kept as plain prose (an encyclopedia article)."""
+    return prompt in _ARTICLES
+
+
 def split_prompts(train_count: int, eval_count: int) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out evaluation prompts); every eighth prompt is held out."""
+    """(training prompts, held-out evaluation prompts). Every eighth prompt of the chat kinds is
+    held out; the training prompts are the rest with an article as every ``ARTICLE_EVERY``-th."""
     prompts = prompt_set()
     held = [p for i, p in enumerate(prompts) if i % 8 == 7]
-    train = [p for i, p in enumerate(prompts) if i % 8 != 7]
+    chat = [p for i, p in enumerate(prompts) if i % 8 != 7]
+    articles = article_prompts()
+    train: list[str] = []
+    while chat or articles:
+        if articles and (not chat or len(train) % ARTICLE_EVERY == ARTICLE_EVERY - 1):
+            train.append(articles.pop(0))
+        else:
+            train.append(chat.pop(0))
     return train[:train_count], held[:eval_count]

@@ -68,11 +68,21 @@ def test_stream_and_packing(tok):
 
 
 def test_prompt_set_split_is_disjoint_and_stable():
+    import hashlib
+
+    from compress.prompts import HELDOUT_SET_VERSION, article_prompts, is_article
+
     train, held = split_prompts(10_000, 10_000)
     assert not set(train) & set(held)
-    assert len(train) + len(held) == len(prompt_set()) and len(held) >= 32
+    assert len(train) + len(held) == len(prompt_set()) + len(article_prompts()) and len(held) >= 32
     assert split_prompts(5, 3) == (train[:5], held[:3])
     assert "What is the capital of France?" not in prompt_set()
+    # the held-out prompts (the `answers` domain) are version 2's, exactly: articles train only
+    assert not any(is_article(p) for p in held)
+    assert HELDOUT_SET_VERSION == 2 and hashlib.sha256("\n".join(held).encode()).hexdigest()[:16] == "512efd12fcc3cff0"
+    # every fourth training prompt is an article, from the first four on
+    assert [is_article(p) for p in train[:8]] == [False, False, False, True] * 2
+    assert sum(map(is_article, train[:400])) == 100
 
 
 def test_self_data_is_generated_once_and_cached(tiny_dir, tok):
@@ -95,9 +105,12 @@ def test_self_data_is_generated_once_and_cached(tiny_dir, tok):
 def test_prompt_set_covers_every_kind_in_any_prefix():
     from compress.prompts import KIND_SHARES, _kinds
 
+    from compress.prompts import is_article
+
     kinds = _kinds()
     kind_of = {p: i for i, k in enumerate(kinds) for p in k}
-    train, _ = split_prompts(90, 0)
+    train = [p for p in split_prompts(120, 0)[0] if not is_article(p)]
+    assert len(train) == 90  # and 30 articles
     counts = [sum(kind_of[p] == i for p in train) for i in range(len(kinds))]
     total = sum(KIND_SHARES)
     for i, c in enumerate(counts):  # code, technical, narrative/dialogue, lists, math all present in 90
@@ -138,6 +151,9 @@ def test_half_the_training_prompts_are_sampled_and_sampling_is_seeded(tiny_dir, 
     assert one == generate_answers(model, tok, prompts, cfg, sampled={0, 1, 2, 3})  # seeded
     assert one != greedy
     assert generate_answers(model, tok, prompts, DataConfig(**{**cfg.to_dict(), "seed": 1}), sampled={0, 1, 2, 3}) != one
+    # an encyclopedia article's answer is kept as plain prose (a document without the chat wrapper)
+    assert [("text" in r, "messages" in r) for r in greedy] == [(False, True)] * 3 + [(True, False)]
+    assert greedy[3]["prompt"] == prompts[3] and greedy[3]["text"] == greedy[3]["text"].strip()
 
 
 def test_user_text_is_mixed_with_the_teachers_in_every_prefix():
