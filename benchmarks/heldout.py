@@ -89,7 +89,9 @@ def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str],
         shutil.copytree(cache_from, cache)
     cmd = [sys.executable, "-m", "compress", "model", "--profile", profile, "--eval-data", str(DATA / "test.txt"),
            *extra, "--out", str(out), "--json", "--quiet"]
+    before = set((cache / "selfdata").glob("*.jsonl"))
     rep, wall = run_compress(name, cmd, repo, cache)
+    generated = sorted(p.name for p in set((cache / "selfdata").glob("*.jsonl")) - before)
     st = {s["name"].split("-", 1)[1]: s for s in rep["stages"]}
     e, q, src = st["export_onnx"], st["quantize"], st["source"]
     if e.get("download_bytes") is None:  # a checkout before the report's download column
@@ -110,8 +112,10 @@ def pipeline_row(name: str, slug: str, repo: Path, work: Path, extra: list[str],
             "fake_quant": {"ratio_geomean": q.get("ratio_geomean"), "ratio_worst": q.get("ratio_worst")},
             "training_data": rep.get("training_data"), "latency": lat,
             "evaluated_as": "ONNX Runtime (MatMulNBits, accuracy_level 4), the pipeline's own evaluation",
-            **({"cache_from": str(cache_from), "wall_note": "cache copied from an earlier row: no GGUF conversion "
-                "and no teacher text generation in the wall time"} if cache_from else {})}
+            "teacher_text_generated": generated,
+            **({"cache_from": str(cache_from), "wall_note": "cache copied from an earlier row: no GGUF conversion; "
+                + (f"the teacher wrote {len(generated)} text file(s) it needed ({', '.join(generated)}) in the wall time"
+                   if generated else "no teacher text generation in the wall time")} if cache_from else {})}
 
 
 def evaluate_heldout(folder: Path, teacher: Path) -> tuple[dict[str, dict], float]:

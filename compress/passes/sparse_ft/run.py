@@ -35,8 +35,9 @@ from ...training.loop import LossWeights
 from .config import SparseFTConfig
 
 DENSE_KERNELS_NOTE = ("ONNX Runtime's CPU kernels are dense: the zeros shrink neither the loaded size nor the "
-                      "latency of this export; they shrink its compressed download (zstd) and carry into "
-                      "quantization exactly.")
+                      "latency of this export; what they change is the compressed download (the 'download MB "
+                      "(zstd)' row: smaller only where the kept weights compress no worse than the parent's), "
+                      "and they carry into quantization exactly.")
 
 
 def owl_layer_sparsities(model, calib: torch.Tensor, cfg: SparseFTConfig, arch) -> tuple[list[float], list[float]]:
