@@ -49,7 +49,9 @@ def test_pipeline_prunes_exactly_and_the_zeros_reach_the_onnx_weights(tiny_dir, 
     assert all(r["fraction"] >= 0.5 for r in rows), [(r["node"], r["fraction"]) for r in rows]
     st = {s["name"].split("-", 1)[1]: s for s in rep["stages"]}
     m = st["sparse_ft"]["pass_metrics"]["sparse_ft"]
-    assert m["kl_heldout_tuned"] < m["kl_heldout_oneshot"]
+    # recovered, by a margin (CE pulls the tiny random student towards the text, away from its teacher:
+    # 8 steps at 1e-3 take the held-out KL 0.0462 -> 0.0433 on the test text alone)
+    assert m["kl_heldout_tuned"] < 0.97 * m["kl_heldout_oneshot"]
     assert "dense" in "\n".join(st["sparse_ft"]["report"])
     # a user's runtime, from text: onnxruntime-genai's tokenizer and loop give our ONNX Runtime's greedy tokens
     from conftest import genai_generate
