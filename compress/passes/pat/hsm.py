@@ -1,0 +1,208 @@
+"""PAT's Hybrid Sparsification Modules and their materialization (METHODS.md section 1).
+
+One trainable mask over the residual (hidden) channels, shared by every module; 2L + 1 modules:
+after the embedding, and after every attention output projection and every MLP down projection
+(before the residual add). Each module is ``HSM(x) = s * m * (x + B A x)``: ``A`` (r x d, Kaiming)
+and ``B`` (d x r, zero) start as the identity, ``s`` (d, ones) carries the per-channel scale, ``m``
+the shared mask. Because the embedding and every residual update are masked, a pruned channel of
+the residual stream is exactly zero and every RMSNorm only sees the kept ones.
+
+Soft mask at optimizer step ``t`` of a schedule of ``G`` steps: ``m = sigmoid(T(t) theta) + b(t)``
+with ``T(t) = 1 / (1 - ln max(1, t) / ln G + 1e-6)`` and ``b(t) = max(0.5 - t / G, 0)``: exactly 1
+at step 0; from ``0.8 G`` on, ``T`` is frozen at ``T(0.8 G)`` and ``theta`` detached. The hard mask
+keeps channel ``j`` iff ``theta_j > 0``.
+
+With tied embeddings the module after the embedding is a pure mask (no transform, no scale): the
+head shares the embedding matrix and is only sliced, so transforming it would change the head.
+
+:func:`materialize` folds each module into its producer (``diag(s) (I + B A)`` into the rows of
+``o_proj`` / ``down_proj`` and into the embedding), slices the kept channels out of every
+producer and consumer, scales every RMSNorm weight by ``sqrt(d / d')`` (the mean now runs over
+``d'`` channels) and its epsilon by ``d / d'`` (so the scaling is exact, not approximate), sets
+``hidden_size = d'`` and keeps ``head_dim`` explicit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+FREEZE_AT = 0.8  # share of the schedule after which theta is detached and T frozen
+
+
+def mask_temperature(step: int, total: int) -> float:
+    """``T(t)``; frozen at ``T(0.8 G)`` from ``0.8 G`` on."""
+    t = min(step, FREEZE_AT * total)
+    return 1.0 / (1.0 - math.log(max(1.0, t)) / math.log(max(total, 2)) + 1e-6)
+
+
+def mask_bias(step: int, total: int) -> float:
+    return max(0.5 - step / max(total, 1), 0.0)
+
+
+class SharedMask(nn.Module):
+    """The one mask over the ``d`` residual channels (``theta``, init 0)."""
+
+    def __init__(self, hidden: int, total_steps: int):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(hidden))
+        self.total = int(total_steps)
+        self.step = 0  # the optimizer step, set by the training hook
+        self.hard = False  # True: the binary mask theta > 0 (evaluation, materialization)
+
+    def forward(self) -> torch.Tensor:
+        if self.hard:
+            return (self.theta > 0).to(self.theta.dtype)
+        theta = self.theta.detach() if self.step >= FREEZE_AT * self.total else self.theta
+        return torch.sigmoid(mask_temperature(self.step, self.total) * theta) + mask_bias(self.step, self.total)
+
+    def kept(self) -> torch.Tensor:
+        """Indices of the kept channels (``theta > 0``), ascending."""
+        return torch.nonzero(self.theta.detach() > 0).flatten()
+
+    def losses(self, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(count, polarization): ``|sum STE(1[theta >= 0]) - D| / D`` and the pull of theta towards
+        +-0.5 (mean squared distance over each side)."""
+        theta = self.theta
+        step = (theta >= 0).to(theta.dtype)
+        ste = step + torch.sigmoid(theta) - torch.sigmoid(theta).detach()  # straight-through count
+        count = (ste.sum() - target).abs() / target
+        pos, neg = theta[theta > 0], theta[theta <= 0]
+        polar = theta.new_zeros(())
+        if pos.numel():
+            polar = polar + ((pos - 0.5) ** 2).mean()
+        if neg.numel():
+            polar = polar + ((neg + 0.5) ** 2).mean()
+        return count, polar
+
+
+class HSM(nn.Module):
+    """``s * m * (x + B A x)``; ``transform=False``: ``m * x`` only (the tied embedding's)."""
+
+    def __init__(self, hidden: int, mask: SharedMask, rank: int = 200, transform: bool = True):
+        super().__init__()
+        self.mask = [mask]  # shared, not a submodule of every HSM (one parameter, one state)
+        self.transform = transform
+        if transform:
+            r = min(rank, hidden)
+            self.A = nn.Parameter(torch.empty(r, hidden))
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            self.B = nn.Parameter(torch.zeros(hidden, r))
+            self.scale = nn.Parameter(torch.ones(hidden))
+
+    def matrix(self) -> torch.Tensor:
+        """``diag(s) (I + B A)``: what materialization folds into the producer."""
+        eye = torch.eye(self.B.shape[0], dtype=self.B.dtype, device=self.B.device)
+        return self.scale[:, None] * (eye + self.B @ self.A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask[0]().to(x.dtype)
+        if not self.transform:
+            return x * m
+        y = x + (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype)
+        return y * (self.scale.to(x.dtype) * m)
+
+    def identity_loss(self) -> torch.Tensor:
+        """``MSE(A A^T, I_r)``: A stays orthonormal, the magnitude moves into ``s``."""
+        eye = torch.eye(self.A.shape[0], dtype=self.A.dtype, device=self.A.device)
+        return ((self.A @ self.A.t() - eye) ** 2).mean()
+
+
+class PATModules(nn.Module):
+    """The mask and the 2L + 1 HSMs of one LLaMA-family model, attached by forward hooks."""
+
+    def __init__(self, model: nn.Module, total_steps: int, rank: int = 200):
+        super().__init__()
+        cfg = model.config
+        d = cfg.hidden_size
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.mask = SharedMask(d, total_steps)
+        self.embed = HSM(d, self.mask, rank, transform=not self.tied)
+        layers = model.model.layers
+        self.attn = nn.ModuleList(HSM(d, self.mask, rank) for _ in layers)
+        self.mlp = nn.ModuleList(HSM(d, self.mask, rank) for _ in layers)
+        self._handles = []
+
+    def attach(self, model: nn.Module) -> "PATModules":
+        def hook(module):
+            return lambda _m, _inp, out: module(out)
+
+        self._handles.append(model.model.embed_tokens.register_forward_hook(hook(self.embed)))
+        for layer, a, m in zip(model.model.layers, self.attn, self.mlp):
+            self._handles.append(layer.self_attn.o_proj.register_forward_hook(hook(a)))
+            self._handles.append(layer.mlp.down_proj.register_forward_hook(hook(m)))
+        return self
+
+    def detach_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def transforms(self) -> list[HSM]:
+        return [h for h in (self.embed, *self.attn, *self.mlp) if h.transform]
+
+    def identity_loss(self) -> torch.Tensor:
+        return torch.stack([h.identity_loss() for h in self.transforms()]).sum()
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, pat: PATModules) -> int:
+    """Fold ``pat`` into ``model`` and slice it to the kept channels, in place; returns ``d'``.
+    The hooks are removed; the model then computes what it computed with the hard mask."""
+    idx = pat.mask.kept()
+    d, dk = model.config.hidden_size, int(idx.numel())
+    if dk == 0:
+        raise ValueError("the mask keeps no channel")
+    pat.detach_hooks()
+    gain = math.sqrt(d / dk)
+
+    def rows(linear: nn.Linear, fold: torch.Tensor | None = None) -> None:  # a producer: output rows
+        w = linear.weight.data.float()
+        if fold is not None:
+            w = fold.float() @ w
+        linear.weight = nn.Parameter(w[idx].to(linear.weight.dtype).contiguous())
+        if linear.bias is not None:
+            b = linear.bias.data.float() if fold is None else fold.float() @ linear.bias.data.float()
+            linear.bias = nn.Parameter(b[idx].to(linear.bias.dtype))
+        linear.out_features = dk
+
+    def cols(linear: nn.Linear) -> None:  # a consumer: input columns
+        linear.weight = nn.Parameter(linear.weight.data[:, idx].contiguous())
+        linear.in_features = dk
+
+    def norm(module: nn.Module) -> None:
+        module.weight = nn.Parameter((module.weight.data.float()[idx] * gain).to(module.weight.dtype))
+
+    emb = model.model.embed_tokens
+    e = emb.weight.data.float()
+    if pat.embed.transform:
+        e = e @ pat.embed.matrix().float().t()
+    new_e = nn.Parameter(e[:, idx].to(emb.weight.dtype).contiguous())
+    emb.weight = new_e
+    emb.embedding_dim = dk
+    for layer, a, m in zip(model.model.layers, pat.attn, pat.mlp):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            cols(getattr(layer.self_attn, name))
+        rows(layer.self_attn.o_proj, a.matrix())
+        cols(layer.mlp.gate_proj)
+        cols(layer.mlp.up_proj)
+        rows(layer.mlp.down_proj, m.matrix())
+        norm(layer.input_layernorm)
+        norm(layer.post_attention_layernorm)
+    norm(model.model.norm)
+    head = model.get_output_embeddings()
+    if pat.tied:
+        head.weight = new_e  # still tied: the sliced embedding is the head
+    else:
+        cols(head)
+    head.in_features = dk
+    cfg = model.config
+    cfg.head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    cfg.hidden_size = dk
+    cfg.rms_norm_eps = cfg.rms_norm_eps * d / dk  # RMS over d' channels: the same normalization, exactly
+    for module in model.modules():  # the norms keep their own epsilon
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = cfg.rms_norm_eps
+    return dk
