@@ -246,7 +246,7 @@ def main() -> int:
         save(pipeline_row("ours cpu-4bit (default: the teacher's own text)", "cpu-4bit", args.repo, args.work, []))
     elif args.only == "ours-wikitext":
         save(pipeline_row(args.row or "ours cpu-4bit --data wikitext-2 valid", "cpu-4bit-wikitext", args.repo,
-                          args.work, ["--data", str(DATA / "valid.txt"), *sets]))
+                          args.work, ["--data", str(DATA / "valid.txt"), *sets], args.cache_from))
     elif args.only == "anchors":
         from compress.models import model_folder
         from compress.sources import resolve_source_ref
