@@ -10,7 +10,9 @@ or a hard-coded list of projection names — so a new family is one :func:`regis
 - ``layer_kwargs``: the keyword arguments a layer call needs besides the hidden states
   (captured once and replayed by layer-wise calibration);
 - ``biases``: the Linears that carry a bias in this family;
-- ``rebuild_rotary``: rotary tables of a model built on the meta device.
+- ``rebuild_rotary``: rotary tables of a model built on the meta device;
+- ``residual_writers``: the Linears whose outputs are added to the residual stream (every other
+  Linear of a layer reads it, through ``layer_norms``); ``final_norm``: the norm before the head.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ class ArchSpec:
     pack_groups: tuple[tuple[str, ...], ...] = LLAMA_PACKS
     layer_kwargs: tuple[str, ...] = ("attention_mask", "position_ids", "position_embeddings", "cache_position")
     biases: tuple[str, ...] = ()  # Linears (relative names) that carry a bias in this family
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    final_norm: str = "model.norm"
+
+    def residual_readers(self) -> tuple[str, ...]:
+        """The Linears of a layer that read the (normed) residual stream."""
+        return tuple(n for n in self.linears if n not in self.residual_writers)
 
     # ---- model access (torch objects, duck-typed)
     def decoder_layers(self, model) -> Any:

@@ -120,7 +120,7 @@ def test_mask_losses_count_and_polarize():
 def test_identity_loss_is_zero_for_orthonormal_rows():
     model = _tiny(True)
     pat = PATModules(model, total_steps=10, rank=8)
-    h = pat.attn[0]
+    h = pat.layers[0][0]
     with torch.no_grad():
         q, _ = torch.linalg.qr(torch.randn(64, 8))
         h.A.copy_(q.t())

@@ -2,7 +2,7 @@
 
 One trainable mask over the residual (hidden) channels, shared by every module; 2L + 1 modules:
 after the embedding, and after every attention output projection and every MLP down projection
-(before the residual add). Each module is ``HSM(x) = s * m * (x + B A x)``: ``A`` (r x d, Kaiming)
+(before the residual add; the family's ``residual_writers`` in :mod:`compress.arch`). Each module is ``HSM(x) = s * m * (x + B A x)``: ``A`` (r x d, Kaiming)
 and ``B`` (d x r, zero) start as the identity, ``s`` (d, ones) carries the per-channel scale, ``m``
 the shared mask. Because the embedding and every residual update are masked, a pruned channel of
 the residual stream is exactly zero and every RMSNorm only sees the kept ones.
@@ -28,6 +28,8 @@ import math
 
 import torch
 from torch import nn
+
+from ...arch import arch_of
 
 FREEZE_AT = 0.8  # share of the schedule after which theta is detached and T frozen
 
@@ -111,28 +113,30 @@ class HSM(nn.Module):
 
 
 class PATModules(nn.Module):
-    """The mask and the 2L + 1 HSMs of one LLaMA-family model, attached by forward hooks."""
+    """The mask and the 2L + 1 HSMs of one decoder (after the embedding, and after each of a
+    layer's residual writers, :attr:`ArchSpec.residual_writers`), attached by forward hooks."""
 
     def __init__(self, model: nn.Module, total_steps: int, rank: int = 200):
         super().__init__()
         cfg = model.config
         d = cfg.hidden_size
+        arch = arch_of(model)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.mask = SharedMask(d, total_steps)
         self.embed = HSM(d, self.mask, rank, transform=not self.tied)
-        layers = model.model.layers
-        self.attn = nn.ModuleList(HSM(d, self.mask, rank) for _ in layers)
-        self.mlp = nn.ModuleList(HSM(d, self.mask, rank) for _ in layers)
+        self.layers = nn.ModuleList(nn.ModuleList(HSM(d, self.mask, rank) for _ in arch.residual_writers)
+                                    for _ in arch.decoder_layers(model))
         self._handles = []
 
     def attach(self, model: nn.Module) -> "PATModules":
         def hook(module):
             return lambda _m, _inp, out: module(out)
 
-        self._handles.append(model.model.embed_tokens.register_forward_hook(hook(self.embed)))
-        for layer, a, m in zip(model.model.layers, self.attn, self.mlp):
-            self._handles.append(layer.self_attn.o_proj.register_forward_hook(hook(a)))
-            self._handles.append(layer.mlp.down_proj.register_forward_hook(hook(m)))
+        arch = arch_of(model)
+        self._handles.append(model.get_input_embeddings().register_forward_hook(hook(self.embed)))
+        for layer, hsms in zip(arch.decoder_layers(model), self.layers):
+            for rel, h in zip(arch.residual_writers, hsms):
+                self._handles.append(layer.get_submodule(rel).register_forward_hook(hook(h)))
         return self
 
     def detach_hooks(self) -> None:
@@ -141,7 +145,7 @@ class PATModules(nn.Module):
         self._handles.clear()
 
     def transforms(self) -> list[HSM]:
-        return [h for h in (self.embed, *self.attn, *self.mlp) if h.transform]
+        return [h for h in (self.embed, *(h for hsms in self.layers for h in hsms)) if h.transform]
 
     def identity_loss(self) -> torch.Tensor:
         return torch.stack([h.identity_loss() for h in self.transforms()]).sum()
@@ -156,15 +160,14 @@ def materialize(model: nn.Module, pat: PATModules) -> int:
     if dk == 0:
         raise ValueError("the mask keeps no channel")
     pat.detach_hooks()
+    arch = arch_of(model)
     gain = math.sqrt(d / dk)
 
-    def rows(linear: nn.Linear, fold: torch.Tensor | None = None) -> None:  # a producer: output rows
-        w = linear.weight.data.float()
-        if fold is not None:
-            w = fold.float() @ w
+    def rows(linear: nn.Linear, fold: torch.Tensor) -> None:  # a producer: fold, then keep output rows
+        w = fold.float() @ linear.weight.data.float()
         linear.weight = nn.Parameter(w[idx].to(linear.weight.dtype).contiguous())
         if linear.bias is not None:
-            b = linear.bias.data.float() if fold is None else fold.float() @ linear.bias.data.float()
+            b = fold.float() @ linear.bias.data.float()
             linear.bias = nn.Parameter(b[idx].to(linear.bias.dtype))
         linear.out_features = dk
 
@@ -175,23 +178,21 @@ def materialize(model: nn.Module, pat: PATModules) -> int:
     def norm(module: nn.Module) -> None:
         module.weight = nn.Parameter((module.weight.data.float()[idx] * gain).to(module.weight.dtype))
 
-    emb = model.model.embed_tokens
+    emb = model.get_input_embeddings()
     e = emb.weight.data.float()
     if pat.embed.transform:
         e = e @ pat.embed.matrix().float().t()
     new_e = nn.Parameter(e[:, idx].to(emb.weight.dtype).contiguous())
     emb.weight = new_e
     emb.embedding_dim = dk
-    for layer, a, m in zip(model.model.layers, pat.attn, pat.mlp):
-        for name in ("q_proj", "k_proj", "v_proj"):
-            cols(getattr(layer.self_attn, name))
-        rows(layer.self_attn.o_proj, a.matrix())
-        cols(layer.mlp.gate_proj)
-        cols(layer.mlp.up_proj)
-        rows(layer.mlp.down_proj, m.matrix())
-        norm(layer.input_layernorm)
-        norm(layer.post_attention_layernorm)
-    norm(model.model.norm)
+    for layer, hsms in zip(arch.decoder_layers(model), pat.layers):
+        for rel in arch.residual_readers():
+            cols(layer.get_submodule(rel))
+        for rel, h in zip(arch.residual_writers, hsms):
+            rows(layer.get_submodule(rel), h.matrix())
+        for rel in arch.layer_norms:
+            norm(layer.get_submodule(rel))
+    norm(model.get_submodule(arch.final_norm))
     head = model.get_output_embeddings()
     if pat.tied:
         head.weight = new_e  # still tied: the sliced embedding is the head
