@@ -44,6 +44,18 @@ class ArchSpec:
         """The Linears of a layer that read the (normed) residual stream."""
         return tuple(n for n in self.linears if n not in self.residual_writers)
 
+    def reader_norms(self) -> dict[str, str]:
+        """Each residual reader -> the layer norm in front of it: a pre-norm block's readers of the
+        i-th sub-block (those after the i-1-th residual writer, in ``linears`` order) read through
+        ``layer_norms[i]``."""
+        out, block = {}, 0
+        for n in self.linears:
+            if n in self.residual_writers:
+                block += 1
+            else:
+                out[n] = self.layer_norms[block]
+        return out
+
     # ---- model access (torch objects, duck-typed)
     def decoder_layers(self, model) -> Any:
         obj = model

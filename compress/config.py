@@ -151,6 +151,11 @@ class Config:
     def _fail(self, key: str, message: str) -> None:
         raise UserError(f"{self.SECTION}.{key}: {message}")
 
+    def _nonnegative(self, *keys: str) -> None:
+        for key in keys:
+            if getattr(self, key) < 0:
+                self._fail(key, "must be >= 0")
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

@@ -95,9 +95,11 @@ def plan(
         stage.config.preflight()
     if any(hasattr(st.config, "check_dims") for st in pipeline.stages):
         dims = source_dims(source)
-        for st in pipeline.stages:
+        for st in pipeline.stages:  # each stage sees the sizes of its input (a pruning pass changes them)
             if hasattr(st.config, "check_dims"):
                 st.config.check_dims(dims)
+            if hasattr(st.config, "output_dims"):
+                dims = st.config.output_dims(dims)
     eval_paths = [eval_data] if isinstance(eval_data, str) else list(eval_data or [])
     specs = [user_data_spec(data, "train") if data else None] + [user_data_spec(p, "eval") for p in eval_paths]
     for spec in specs:

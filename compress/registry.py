@@ -18,7 +18,7 @@ from .errors import UserError
 
 #: Packages whose ``__init__`` registers a built-in pass. Explicit, never scanned.
 BUILTIN_PASS_PACKAGES = (
-    "compress.passes.distill", "compress.passes.export_onnx", "compress.passes.profile_latency",
+    "compress.passes.distill", "compress.passes.export_onnx", "compress.passes.pat", "compress.passes.profile_latency",
     "compress.passes.quantize", "compress.passes.sparse_ft",
 )
 

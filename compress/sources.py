@@ -138,27 +138,36 @@ def source_context(ref: SourceRef) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
+#: The keys of :func:`source_dims` that are input sizes of decoder Linears.
+LINEAR_INPUTS = ("hidden_size", "attention_width", "intermediate_size")
+
+
 def source_dims(ref: SourceRef) -> dict[str, int]:
     """Input sizes of the decoder Linears the source declares, torch-free: ``hidden_size`` (q/k/v,
-    gate/up), ``attention_width`` (o_proj: heads x head_dim) and ``intermediate_size`` (down_proj);
-    the ones it does not say are left out."""
+    gate/up), ``attention_width`` (o_proj: heads x head_dim) and ``intermediate_size`` (down_proj),
+    and ``kv_width`` (the output of k/v: key/value heads x head_dim); the ones it does not say are
+    left out. :data:`LINEAR_INPUTS` names the input sizes among them."""
     from .untrusted import read_json
 
     if ref.kind == "gguf":
         d = check_gguf_layout(ref.path).get("dims") or {}
         hidden, ffn = d.get("embedding_length"), d.get("feed_forward_length")
         heads, head_dim = d.get("attention.head_count"), d.get("attention.key_length")
+        kv_heads = d.get("attention.head_count_kv")
     elif ref.kind in ("hf", "artifact") and (ref.path / "config.json").is_file():
         c = read_json(ref.path / "config.json")
-        hidden, ffn, heads, head_dim = (c.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                           "head_dim"))
+        hidden, ffn, heads, head_dim, kv_heads = (c.get(k) for k in (
+            "hidden_size", "intermediate_size", "num_attention_heads", "head_dim", "num_key_value_heads"))
     else:
         return {}
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
     if ok(hidden) and ok(heads) and not ok(head_dim) and hidden % heads == 0:
         head_dim = hidden // heads
+    if not ok(kv_heads):
+        kv_heads = heads
     out = {"hidden_size": hidden, "intermediate_size": ffn,
-           "attention_width": heads * head_dim if ok(heads) and ok(head_dim) else None}
+           "attention_width": heads * head_dim if ok(heads) and ok(head_dim) else None,
+           "kv_width": kv_heads * head_dim if ok(kv_heads) and ok(head_dim) else None}
     return {k: v for k, v in out.items() if ok(v)}
 
 

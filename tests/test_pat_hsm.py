@@ -96,11 +96,29 @@ def test_soft_mask_schedule():
     assert mask_temperature(999, 1000) == frozen  # frozen from 0.8 G on
     with torch.no_grad():
         m.theta.copy_(torch.tensor([0.5, -0.5, 0.3, -0.2, 0.5, 0.5, -0.5, 0.1]))
-    m.step = 900
+    m.step = 799
     soft = m()
-    assert soft.requires_grad is False  # theta is detached after 0.8 G
-    m.hard = True
-    assert m().tolist() == [1, 0, 1, 0, 1, 1, 0, 1] and m.kept().tolist() == [0, 2, 4, 5, 7]
+    assert soft.requires_grad and not torch.all((soft == 0) | (soft == 1))
+    m.step = 800
+    late = m()
+    assert late.requires_grad is False  # theta is detached from 0.8 G on, and the mask is binary
+    assert late.tolist() == [1, 0, 1, 0, 1, 1, 0, 1] and m.kept().tolist() == [0, 2, 4, 5, 7]
+    m.step, m.hard = 0, True
+    assert m().tolist() == late.tolist()
+
+
+def test_snap_keeps_exactly_the_target_largest():
+    m = SharedMask(8, total_steps=10)
+    with torch.no_grad():
+        m.theta.copy_(torch.tensor([0.4, -0.1, 0.3, 0.02, -0.5, 0.5, 0.01, -0.01]))
+    assert m.snap(3) == 2  # 0.02 and 0.01 were kept, now dropped
+    assert m.kept().tolist() == [0, 2, 5] and m.theta[3] == -0.5 and m.theta[6] == -0.5
+    assert m.snap(3) == 0  # idempotent
+    assert m.snap(5) == 2 and m.kept().tolist() == [0, 1, 2, 5, 7]  # the next largest come in
+    with torch.no_grad():
+        m.theta.zero_()
+    m.snap(2)
+    assert m.kept().tolist() == [0, 1]  # ties by channel index
 
 
 def test_mask_losses_count_and_polarize():

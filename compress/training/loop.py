@@ -46,6 +46,13 @@ class LossWeights:
     squarehead: float = 0.0
     temperature: float = 1.0
 
+    @classmethod
+    def of(cls, cfg: Any) -> "LossWeights":
+        """The weights a pass config states (its ``ce``, ``kl``, ``reverse_kl``, ``squarehead``,
+        ``temperature``; the ones it lacks at 0, the temperature at 1)."""
+        return cls(**{f: getattr(cfg, f, 1.0 if f == "temperature" else 0.0)
+                      for f in ("ce", "kl", "reverse_kl", "squarehead", "temperature")})
+
     @property
     def needs_teacher(self) -> bool:
         return any(w > 0 for w in (self.kl, self.reverse_kl, self.squarehead))

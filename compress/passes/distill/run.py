@@ -11,8 +11,7 @@ from .config import DistillConfig
 
 
 def distill(parent: Artifact, cfg: DistillConfig, ctx: PassContext) -> PassResult:
-    settings, why = cfg.train.settings(LossWeights(ce=cfg.ce, kl=cfg.kl, reverse_kl=cfg.reverse_kl,
-                                                   squarehead=cfg.squarehead, temperature=cfg.temperature))
+    settings, why = cfg.train.settings(LossWeights.of(cfg))
     ctx.log(f"distill: {settings.steps} steps, bf16 {'on' if settings.bf16 else 'off'} ({why})")
     blocks = ctx.training_blocks()
     teacher = ctx.load_teacher() if settings.loss.needs_teacher else None

@@ -9,8 +9,11 @@ the residual stream is exactly zero and every RMSNorm only sees the kept ones.
 
 Soft mask at optimizer step ``t`` of a schedule of ``G`` steps: ``m = sigmoid(T(t) theta) + b(t)``
 with ``T(t) = 1 / (1 - ln max(1, t) / ln G + 1e-6)`` and ``b(t) = max(0.5 - t / G, 0)``: exactly 1
-at step 0; from ``0.8 G`` on, ``T`` is frozen at ``T(0.8 G)`` and ``theta`` detached. The hard mask
-keeps channel ``j`` iff ``theta_j > 0``.
+at step 0. From ``0.8 G`` on ``theta`` is detached (the authors), and here the mask is the hard one
+(the authors keep the soft mask at ``T(0.8 G)``, binary only where ``theta`` is polarized): the pass
+first snaps ``theta`` so that exactly ``d'`` channels are kept (:meth:`SharedMask.snap`), so the last
+20 % of the steps tune exactly the model that is materialized. The hard mask keeps channel ``j`` iff
+``theta_j > 0``.
 
 With tied embeddings the module after the embedding is a pure mask (no transform, no scale): the
 head shares the embedding matrix and is only sliced, so transforming it would change the head.
@@ -54,11 +57,31 @@ class SharedMask(nn.Module):
         self.step = 0  # the optimizer step, set by the training hook
         self.hard = False  # True: the binary mask theta > 0 (evaluation, materialization)
 
+    def frozen(self) -> bool:
+        """From ``0.8 G`` on, ``theta`` is fixed and the mask is binary."""
+        return self.step >= FREEZE_AT * self.total
+
     def forward(self) -> torch.Tensor:
-        if self.hard:
-            return (self.theta > 0).to(self.theta.dtype)
-        theta = self.theta.detach() if self.step >= FREEZE_AT * self.total else self.theta
-        return torch.sigmoid(mask_temperature(self.step, self.total) * theta) + mask_bias(self.step, self.total)
+        if self.hard or self.frozen():
+            # binary (no gradient to theta): the last 20 % tune the model that is materialized; the
+            # authors keep sigma(T(0.8 G) theta), which is binary only where theta is polarized
+            return (self.theta.detach() > 0).to(self.theta.dtype)
+        return torch.sigmoid(mask_temperature(self.step, self.total) * self.theta) + mask_bias(self.step, self.total)
+
+    @torch.no_grad()
+    def snap(self, target: int) -> int:
+        """Make exactly the ``target`` largest ``theta`` positive (the others <= 0), flipping only the
+        channels on the wrong side to -+0.5; returns how many were flipped (0 when the count already
+        holds). Deterministic (ties by channel index), and idempotent."""
+        theta = self.theta.data
+        order = sorted(range(theta.numel()), key=lambda j: (-float(theta[j]), j))
+        keep = torch.zeros(theta.numel(), dtype=torch.bool)
+        keep[order[:target]] = True
+        up = keep & (theta <= 0)
+        down = ~keep & (theta > 0)
+        theta[up] = 0.5
+        theta[down] = -0.5
+        return int(up.sum() + down.sum())
 
     def kept(self) -> torch.Tensor:
         """Indices of the kept channels (``theta > 0``), ascending."""
@@ -83,14 +106,15 @@ class SharedMask(nn.Module):
 class HSM(nn.Module):
     """``s * m * (x + B A x)``; ``transform=False``: ``m * x`` only (the tied embedding's)."""
 
-    def __init__(self, hidden: int, mask: SharedMask, rank: int = 200, transform: bool = True):
+    def __init__(self, hidden: int, mask: SharedMask, rank: int = 200, transform: bool = True,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.mask = [mask]  # shared, not a submodule of every HSM (one parameter, one state)
         self.transform = transform
         if transform:
             r = min(rank, hidden)
             self.A = nn.Parameter(torch.empty(r, hidden))
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)
             self.B = nn.Parameter(torch.zeros(hidden, r))
             self.scale = nn.Parameter(torch.ones(hidden))
 
@@ -116,15 +140,16 @@ class PATModules(nn.Module):
     """The mask and the 2L + 1 HSMs of one decoder (after the embedding, and after each of a
     layer's residual writers, :attr:`ArchSpec.residual_writers`), attached by forward hooks."""
 
-    def __init__(self, model: nn.Module, total_steps: int, rank: int = 200):
+    def __init__(self, model: nn.Module, total_steps: int, rank: int = 200, seed: int = 0):
         super().__init__()
         cfg = model.config
         d = cfg.hidden_size
         arch = arch_of(model)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.mask = SharedMask(d, total_steps)
-        self.embed = HSM(d, self.mask, rank, transform=not self.tied)
-        self.layers = nn.ModuleList(nn.ModuleList(HSM(d, self.mask, rank) for _ in arch.residual_writers)
+        g = torch.Generator().manual_seed(seed)  # the same modules on every run: a resumed run equals an uninterrupted one
+        self.embed = HSM(d, self.mask, rank, transform=not self.tied, generator=g)
+        self.layers = nn.ModuleList(nn.ModuleList(HSM(d, self.mask, rank, generator=g) for _ in arch.residual_writers)
                                     for _ in arch.decoder_layers(model))
         self._handles = []
 

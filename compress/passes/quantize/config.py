@@ -82,14 +82,10 @@ class QuantizeConfig(Config):
             self._fail("gptq_damp", "must be in [0, 1)")
         if self.clip_grid < 1 or not 0 <= self.clip_max_shrink < 1:
             self._fail("clip_grid" if self.clip_grid < 1 else "clip_max_shrink", "clip_grid >= 1, clip_max_shrink in [0, 1)")
-        for key in ("block_ap_steps", "heldout_blocks"):
-            if getattr(self, key) < 0:
-                self._fail(key, "must be >= 0")
+        self._nonnegative("block_ap_steps", "heldout_blocks")
         if not 0 < self.block_ap_lr < 1:
             self._fail("block_ap_lr", "must be in (0, 1)")
-        for key in ("block_ap_weight_lr", "weight_lr", "kl", "squarehead", "ce"):
-            if getattr(self, key) < 0:
-                self._fail(key, "must be >= 0")
+        self._nonnegative("block_ap_weight_lr", "weight_lr", "kl", "squarehead", "ce")
         if self.block_ap_batch < 1:
             self._fail("block_ap_batch", "must be at least 1")
         if not 0 < self.pv_max_change <= 1:
@@ -98,6 +94,14 @@ class QuantizeConfig(Config):
             self._fail("kl", "at least one of kl, squarehead, ce must be > 0")
         if self.temperature <= 0:
             self._fail("temperature", "must be > 0")
+
+    def check_dims(self, dims: dict[str, Any]) -> None:
+        """Plan time, torch-free: the quantized embedding/head's groups must divide its hidden size
+        (the source's, or what a pruning stage before this one leaves)."""
+        d = dims.get("hidden_size")
+        if self.embeddings != "keep" and isinstance(d, int) and d % self.embed_group_size:
+            self._fail("embed_group_size", f"{self.embed_group_size} does not divide the hidden_size {d} of this "
+                                           "stage's input")
 
     def group_for(self, k: int) -> int:
         """The group of a Linear with ``k`` inputs: ``group_size``, or the largest power of two >= 16

@@ -365,8 +365,7 @@ def _recover(student, teacher, blocks, cfg: QuantizeConfig, ctx: PassContext,
             for n, codes in st.items():
                 body[n].codes.copy_(codes)
 
-    settings, _ = cfg.train.settings(LossWeights(ce=cfg.ce, kl=cfg.kl, squarehead=cfg.squarehead,
-                                                 temperature=cfg.temperature))
+    settings, _ = cfg.train.settings(LossWeights.of(cfg))
     ctx.log(f"recovery ({cfg.recovery}): {settings.steps} steps of {settings.batch_size * settings.grad_accum} sequences")
     summary = ctx.train(student, teacher, blocks, settings,
                         hooks=Hooks(param_groups=groups, after_step=after_step, state=state, load_state=load_state))

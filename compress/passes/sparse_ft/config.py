@@ -74,22 +74,21 @@ class SparseFTConfig(Config):
             self._fail("damp", "must be in [0, 1)")
         if self.block_size < 1:
             self._fail("block_size", "must be at least 1")
-        for key in ("ce", "kl", "squarehead"):
-            if getattr(self, key) < 0:
-                self._fail(key, "must be >= 0")
+        self._nonnegative("ce", "kl", "squarehead", "heldout_blocks")
         if self.train.steps > 0 and self.ce + self.kl + self.squarehead <= 0:
             self._fail("ce", "at least one of ce, kl, squarehead must be > 0")
         if self.temperature <= 0:
             self._fail("temperature", "must be > 0")
-        if self.heldout_blocks < 0:
-            self._fail("heldout_blocks", "must be >= 0")
 
     def check_dims(self, dims: dict[str, Any]) -> None:
         """Plan time, torch-free: an N:M pattern must divide every pruned Linear's input size."""
         nm = self.n_m()
         if nm is None:
             return
-        for what, k in dims.items():
+        from ...sources import LINEAR_INPUTS
+
+        for what in LINEAR_INPUTS:
+            k = dims.get(what)
             if isinstance(k, int) and k % nm[1]:
                 self._fail("pattern", f"{self.pattern} needs input sizes that are multiples of {nm[1]}; the model's "
                                       f"{what} is {k}")

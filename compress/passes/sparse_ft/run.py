@@ -127,7 +127,7 @@ def sparse_ft(parent: Artifact, cfg: SparseFTConfig, ctx: PassContext) -> PassRe
     summary["kl_heldout_oneshot"] = kl_oneshot
     ctx.log(f"one-shot {cfg.method}: held-out KL {kl_oneshot:.4f}")
     if cfg.train.steps > 0:
-        weights = LossWeights(ce=cfg.ce, kl=cfg.kl, squarehead=cfg.squarehead, temperature=cfg.temperature)
+        weights = LossWeights.of(cfg)
         settings, why = cfg.train.settings(weights)
         for p in student.parameters():
             p.requires_grad_(True)
