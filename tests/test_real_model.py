@@ -117,3 +117,35 @@ def test_cpu_fp32_profile_exports_validates_and_profiles(tmp_path):
     assert onnx_row["kind"] == "onnx" and eager_row["kind"] == "pytorch"
     assert onnx_row["decode_tokens_per_second"]["median"] > 1.2 * eager_row["decode_tokens_per_second"]["median"]
     assert "Latency on target cpu" in (out / "report.md").read_text()
+
+
+def test_pat_slices_the_real_model_exactly(real):
+    """576 -> 448 on SmolLM2 (9 query / 3 KV heads of 64, tied): the sliced model computes what the
+    hard-masked model does, with head_dim kept and the head still the embedding."""
+    import copy
+
+    from compress.passes.pat.hsm import PATModules, materialize
+
+    model, tok, _ = real
+    model = copy.deepcopy(model)
+    pat = PATModules(model, total_steps=100, rank=200).attach(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        pat.mask.theta.fill_(-0.5)
+        pat.mask.theta[torch.randperm(576, generator=g)[:448]] = 0.5
+        for h in pat.transforms():
+            h.B.normal_(0, 0.01, generator=g)
+            h.scale.uniform_(0.8, 1.2, generator=g)
+    pat.mask.hard = True
+    ids = tok("The capital of France is Paris, and the capital of Italy is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert materialize(model, pat) == 448
+    assert model.config.hidden_size == 448 and model.config.head_dim == 64
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (576, 448)
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (192, 448)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        got = model(ids).logits
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) < 1e-4 * scale, float((got - ref).abs().max())
