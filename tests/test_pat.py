@@ -48,12 +48,12 @@ def test_the_mask_is_one_at_step_0_and_binary_with_exactly_d_prime_channels_at_t
     assert tr["steps"] == 40 and tr["loss_last"] < tr["loss_first"]
     counted = [record["kept"][s] for s in sorted(record["kept"])]
     assert counted[0] == 64  # theta = 0 counts as kept
-    # the count loss brought the mask to d' on its own before the snap at 0.8 G (step 32 of 40) and held it
-    # near there (it oscillates: a step function through a straight-through estimator, under Adam); the snap
-    # moved a few channels at most
-    assert 32 in counted[:32] and record["snap_step"] == 32
-    assert all(abs(c - 32) <= 4 for c in counted[20:32]), counted
-    assert abs(record["kept_before_snap"] - 32) <= 4 and record["snapped"] <= 4
+    # the count loss brought the mask to d' on its own (it oscillates around it: a step function through a
+    # straight-through estimator, under Adam) before the hold from 0.5 G (step 20 of 40) keeps it there exactly;
+    # the snap at 0.8 G (step 32) then has nothing left to move
+    assert 32 in counted[:20] and all(abs(c - 32) <= 4 for c in counted[12:20]), counted
+    assert counted[20:32] == [32] * 12 and 0 < record["hold_shift_max"] < 0.5
+    assert record["snap_step"] == 32 and record["kept_before_snap"] == 32 and record["snapped"] == 0
     assert counted[32:] == [32] * 8
     m = modules.mask()
     assert set(m.tolist()) == {0.0, 1.0} and int(m.sum()) == 32 and not m.requires_grad
@@ -132,7 +132,10 @@ def test_pipeline_quantizes_and_exports_the_sliced_model(tiny_dir, tiny_text, tm
     assert genai["hidden_size"] == 32 and genai["head_size"] == 16
     st = {s["name"].split("-", 1)[1]: s for s in rep["stages"]}
     v = st["export_onnx"]["pass_metrics"]["export"]["validation"]  # against the quantized PyTorch model
-    assert v["greedy_equal"] and v["prompts"] == 3 and v["max_rel_error"] <= 5e-2
+    # the deployed level-4 graph: greedy tokens equal up to near-ties (int8 activations may flip a top-2 pair
+    # within tolerance: reported); the same codes at accuracy_level 0: exact
+    assert v["prompts"] == 3 and (v["greedy_equal"] or v["near_ties"]) and v["max_rel_error"] <= 5e-2
+    assert v["exact_codes"]["greedy_equal"] and v["exact_codes"]["max_rel_error"] < 1e-4
     assert st["pat"]["pass_metrics"]["pat"]["hidden_to"] == 32
     # a user's runtime, from text: onnxruntime-genai's tokenizer and loop give our ONNX Runtime's greedy tokens
     from conftest import genai_generate

@@ -107,6 +107,22 @@ def test_soft_mask_schedule():
     assert m().tolist() == late.tolist()
 
 
+def test_hold_shifts_theta_to_exactly_the_target_count():
+    m = SharedMask(6, total_steps=10)
+    with torch.no_grad():
+        m.theta.copy_(torch.tensor([0.5, 0.3, 0.2, 0.1, -0.2, -0.5]))
+    assert m.hold(3) == pytest.approx(0.15)  # the midpoint of 0.2 and 0.1 moves to 0
+    assert torch.allclose(m.theta, torch.tensor([0.35, 0.15, 0.05, -0.05, -0.35, -0.65]))
+    assert m.hold(3) == 0.0  # holds already
+    assert m.hold(5) == pytest.approx(-0.5) and int((m.theta >= 0).sum()) == 5
+    m.step = 4
+    assert not m.holding()
+    m.step = 5
+    assert m.holding()  # from 0.5 G
+    m.step = 8
+    assert m.holding() and m.frozen()  # and on into the frozen fifth, where theta no longer moves
+
+
 def test_snap_keeps_exactly_the_target_largest():
     m = SharedMask(8, total_steps=10)
     with torch.no_grad():

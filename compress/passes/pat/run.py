@@ -7,8 +7,9 @@
    ``ce * CE + kl * KL (+ squarehead * SquareHead)`` on the masked model, plus before ``0.8 G`` the
    mask losses ``count * |#kept - d'| / d' + polarization * (pull of theta to +-0.5)``, plus
    ``identity * sum MSE(A A^T, I)``. The mask, the HSMs and the model's weights are three optimizer
-   groups with their own rates. At ``0.8 G`` theta is snapped so that exactly ``d'`` channels are
-   kept, and the mask is binary from then on.
+   groups with their own rates. From ``0.5 G`` the kept count is held at exactly ``d'`` (theta shifted
+   by one constant before each step); at ``0.8 G`` theta is snapped so that exactly ``d'`` channels
+   are kept (a no-op after the hold, but for ties), and the mask is binary from then on.
 3. Materialization: adapters folded, every HSM folded into its producer, the kept channels sliced
    out (:func:`.hsm.materialize`). The pass checks that the sliced model's held-out KL equals the
    hard-masked model's, and states the new shape as the stage's ``shape`` invariant.
@@ -76,6 +77,9 @@ def hooks_for(modules: PATModules, cfg: PATConfig, record: dict[str, Any]) -> Ho
 
     def loss(inp: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
         mask.step = inp.step
+        if mask.holding():
+            shift = mask.hold(cfg.hidden)
+            record["hold_shift_max"] = max(record.get("hold_shift_max", 0.0), abs(shift))
         if mask.frozen() and "snapped" not in record:
             record["kept_before_snap"] = int((mask.theta.detach() > 0).sum())
             record["snapped"] = mask.snap(cfg.hidden)
@@ -184,7 +188,7 @@ def _pat(student, teacher, cfg: PATConfig, ctx: PassContext, train_blocks, held,
     mask.snap(cfg.hidden)  # a no-op after a full schedule (snapped at 0.8 G)
     kept_per_step = record.get("kept", {})
     summary["kept_per_step"] = [kept_per_step[k] for k in sorted(kept_per_step)]
-    summary.update({k: record[k] for k in ("kept_before_snap", "snapped", "snap_step") if k in record})
+    summary.update({k: record[k] for k in ("kept_before_snap", "snapped", "snap_step", "hold_shift_max") if k in record})
     summary["kl_heldout_masked"] = heldout_kl(student, teacher, held)
     if adapters is not None:
         adapters.fold(student)
