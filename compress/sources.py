@@ -11,6 +11,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .arch import arch_for
 from .artifact import MANIFEST, hash_parts, read_artifact
@@ -155,11 +156,19 @@ def source_dims(ref: SourceRef) -> dict[str, int]:
         heads, head_dim = d.get("attention.head_count"), d.get("attention.key_length")
         kv_heads = d.get("attention.head_count_kv")
     elif ref.kind in ("hf", "artifact") and (ref.path / "config.json").is_file():
-        c = read_json(ref.path / "config.json")
-        hidden, ffn, heads, head_dim, kv_heads = (c.get(k) for k in (
-            "hidden_size", "intermediate_size", "num_attention_heads", "head_dim", "num_key_value_heads"))
+        return config_dims(read_json(ref.path / "config.json"))
     else:
         return {}
+    return _dims(hidden, ffn, heads, head_dim, kv_heads)
+
+
+def config_dims(c: dict[str, Any]) -> dict[str, int]:
+    """:func:`source_dims` of a Hugging Face ``config.json`` (a dict)."""
+    return _dims(*(c.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "head_dim",
+                                      "num_key_value_heads")))
+
+
+def _dims(hidden: Any, ffn: Any, heads: Any, head_dim: Any, kv_heads: Any) -> dict[str, int]:
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
     if ok(hidden) and ok(heads) and not ok(head_dim) and hidden % heads == 0:
         head_dim = hidden // heads

@@ -29,37 +29,41 @@ from ...errors import UserError
 from ...evaluation import heldout_kl, heldout_split
 from ...models import load_model, save_model
 from ...ops.lora import Adapters
+from ...sources import config_dims
 from ...tokenizer import copy_tokenizer_files
 from ...training.loop import Hooks, LossInputs, LossWeights
 from .config import PATConfig
 from .hsm import PATModules, materialize
 
 
-def _check_model(model, cfg: PATConfig) -> None:
-    c = model.config
-    d = c.hidden_size
-    head_dim = getattr(c, "head_dim", None) or d // c.num_attention_heads
-    kv = (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim
-    if cfg.hidden >= d:
-        raise UserError(f"pat.hidden: must be below the model's hidden_size {d}, got {cfg.hidden}")
-    if cfg.hidden < kv:
-        raise UserError(f"pat.hidden: {cfg.hidden} is too small for the heads: at least the key/value width {kv}")
+def _tunable(student, cfg: PATConfig) -> Adapters | None:
+    """Set what of ``student`` trains: every weight (``full``), or low-rank adapters on the decoder
+    Linears (``lora``: hooked in, and registered as the submodule ``pat_lora``; returned)."""
+    full = cfg.tuning == "full"
+    for p in student.parameters():
+        p.requires_grad_(full)
+    if full:
+        return None
+    adapters = Adapters(student, arch_of(student).linear_names(student), cfg.lora_rank, cfg.lora_alpha,
+                        seed=cfg.train.seed).attach(student)
+    student.add_module("pat_lora", adapters)
+    return adapters
+
+
+def _tuned(student, adapters: Adapters | None) -> None:
+    """After tuning: nothing trains any more, and the adapters (if any) are folded into the weights."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    if adapters is not None:
+        adapters.fold(student)
+        del student._modules["pat_lora"]
 
 
 def attach(student, cfg: PATConfig) -> tuple[PATModules, Adapters | None]:
     """Hook the PAT modules (and the adapters, under them) into ``student`` as its submodules
     ``pat`` / ``pat_lora``, and set what trains: theta, the HSMs, and the weights or the adapters."""
-    arch = arch_of(student)
-    full = cfg.tuning == "full"
-    for p in student.parameters():
-        p.requires_grad_(full)
-    adapters = None
-    if not full:  # registered first: an HSM on o_proj / down_proj then transforms the adapted output
-        adapters = Adapters(student, arch.linear_names(student), cfg.lora_rank, cfg.lora_alpha,
-                            seed=cfg.train.seed).attach(student)
+    adapters = _tunable(student, cfg)  # first: an HSM on o_proj / down_proj then transforms the adapted output
     modules = PATModules(student, cfg.train.steps, cfg.rank, seed=cfg.train.seed).attach(student)
-    if adapters is not None:
-        student.add_module("pat_lora", adapters)
     student.add_module("pat", modules)
     return modules, adapters
 
@@ -140,32 +144,18 @@ def prune_then_tune(student, teacher, cfg: PATConfig, ctx: PassContext, train_bl
                     summary: dict[str, Any]) -> int:
     """The baselines: the ``hidden`` best channels by ``channel_scores``, sliced at once, then the
     same losses for the same steps on the sliced model (full or LoRA)."""
-    scores = channel_scores(student, cfg.method, train_blocks[:cfg.calibration_blocks])
-    order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
     modules = PATModules(student, cfg.train.steps, rank=1)  # identity transforms: a pure slice
-    with torch.no_grad():
-        modules.mask.theta.fill_(-0.5)
-        modules.mask.theta[order[:cfg.hidden]] = 0.5
+    with torch.no_grad():  # scores are >= 0: the snap keeps the `hidden` highest (ties by channel index)
+        modules.mask.theta.copy_(channel_scores(student, cfg.method, train_blocks[:cfg.calibration_blocks]))
+    modules.mask.snap(cfg.hidden)
     summary["kept_channels"] = modules.mask.kept().tolist()
     d_new = materialize(student, modules)
     summary["kl_heldout_oneshot"] = heldout_kl(student, teacher, held)
     ctx.log(f"pat ({cfg.method}): sliced one-shot to {d_new} channels, held-out KL {summary['kl_heldout_oneshot']:.4f}")
-    arch = arch_of(student)
-    full = cfg.tuning == "full"
-    for p in student.parameters():
-        p.requires_grad_(full)
-    adapters = None
-    if not full:
-        adapters = Adapters(student, arch.linear_names(student), cfg.lora_rank, cfg.lora_alpha,
-                            seed=cfg.train.seed).attach(student)
-        student.add_module("pat_lora", adapters)
+    adapters = _tunable(student, cfg)
     summary["trainable_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
     summary["train"] = ctx.train(student, teacher, train_blocks, settings)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    if adapters is not None:
-        adapters.fold(student)
-        del student._modules["pat_lora"]
+    _tuned(student, adapters)
     return d_new
 
 
@@ -181,8 +171,7 @@ def _pat(student, teacher, cfg: PATConfig, ctx: PassContext, train_blocks, held,
     record: dict[str, Any] = {}
     summary["train"] = ctx.train(student, teacher, train_blocks, settings, hooks=hooks_for(modules, cfg, record))
     summary["train"]["bf16_reason"] = why
-    for p in student.parameters():
-        p.requires_grad_(False)
+    _tuned(student, adapters)  # the adapters fold into the weights before the HSMs fold on top
     mask = modules.mask
     mask.step, mask.hard = settings.steps, True
     mask.snap(cfg.hidden)  # a no-op after a full schedule (snapped at 0.8 G)
@@ -190,12 +179,9 @@ def _pat(student, teacher, cfg: PATConfig, ctx: PassContext, train_blocks, held,
     summary["kept_per_step"] = [kept_per_step[k] for k in sorted(kept_per_step)]
     summary.update({k: record[k] for k in ("kept_before_snap", "snapped", "snap_step", "hold_shift_max") if k in record})
     summary["kl_heldout_masked"] = heldout_kl(student, teacher, held)
-    if adapters is not None:
-        adapters.fold(student)
     summary["kept_channels"] = mask.kept().tolist()
     d_new = materialize(student, modules)
     del student._modules["pat"]
-    student._modules.pop("pat_lora", None)
     summary["kl_heldout"] = heldout_kl(student, teacher, held)
     a, b = summary["kl_heldout_masked"], summary["kl_heldout"]
     if a == a and abs(a - b) > 1e-3 + 1e-2 * abs(a):  # NaN (no held-out sequences): nothing to compare
@@ -209,7 +195,7 @@ def pat(parent: Artifact, cfg: PATConfig, ctx: PassContext) -> PassResult:
         raise UserError("pat: the input model is sparse (it has sparsity masks); PAT slices the hidden dimension "
                         "of a dense model: run it before sparse_ft")
     student = load_model(parent.path)
-    _check_model(student, cfg)
+    cfg.check_dims(config_dims(student.config.to_dict()))  # the plan checked the source; an artifact may differ
     d = student.config.hidden_size
     train_blocks, held = heldout_split(ctx.training_blocks(), cfg.heldout_blocks)
     teacher = ctx.load_teacher()

@@ -286,8 +286,7 @@ def _quantize_embeddings(model, cfg: QuantizeConfig) -> None:
     if not tied:
         raise UserError("embeddings: quantizing an untied embedding/head is not supported; use embeddings=keep")
     d = head.in_features
-    if d % cfg.embed_group_size:
-        raise UserError(f"embed_group_size {cfg.embed_group_size} does not divide hidden_size {d}")
+    cfg.check_dims({"hidden_size": d})
     q = LinearQuant(int(cfg.embeddings), cfg.embed_group_size, cfg.embed_sym)
     w = head.weight.detach().float()
     s, z = Q.minmax_params(w, q.bits, q.group, q.sym)
