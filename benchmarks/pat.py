@@ -10,6 +10,8 @@ scored the same way as that export.
 
 Rows (`--rows`, comma-separated), for H in 512, 448, 384:
 - `patH`: the pat pass (mask learned while tuning, full tuning, CE + KL), STEPS x BATCH x 512 tokens.
+- `patH-magnitude`, `patH-activation`: the same, theta warm-started in the order of that baseline's
+  one-shot channel scores (`pat.mask_init`), so the mask refines a ranking instead of learning one.
 - `magnitudeH`, `activationH`: the prune-then-tune baselines: channels chosen one-shot (weight
   magnitude / residual energy), the model sliced, then the same losses for the same steps.
 - `pat-4bit`, `dense-4bit`: the shipped profiles cpu-pat-4bit and cpu-4bit end to end on the same
@@ -60,9 +62,9 @@ STEPS, BATCH = 100, 4  # 204,800 training tokens per trained row
 WIDTHS = (512, 448, 384)
 
 
-def pat_config(method: str, hidden: int) -> dict:
+def pat_config(method: str, hidden: int, **extra) -> dict:
     return {"method": method, "hidden": hidden, "tuning": "full", "steps": STEPS, "batch_size": BATCH,
-            "lr": 5e-5, "warmup_steps": 5, "heldout_blocks": 4}
+            "lr": 5e-5, "warmup_steps": 5, "heldout_blocks": 4, **extra}
 
 
 def rows() -> dict[str, dict]:
@@ -72,6 +74,9 @@ def rows() -> dict[str, dict]:
     for h in WIDTHS:
         for method in ("pat", "magnitude", "activation"):
             out[f"{method}{h}"] = {"passes": [{"name": "pat", "config": pat_config(method, h)}, *export]}
+        for init in ("magnitude", "activation"):  # PAT warm-started from a baseline's ranking
+            out[f"pat{h}-{init}"] = {"passes": [{"name": "pat", "config": pat_config("pat", h, mask_init=init)},
+                                                *export]}
     out["pat-4bit"] = {"profile": "cpu-pat-4bit"}
     out["dense-4bit"] = {"profile": "cpu-4bit"}
     out["dense"] = {"profile": "cpu-fp32"}
@@ -108,7 +113,7 @@ def run_row(name: str, spec: dict, repo: Path, work: Path, cache: Path) -> dict[
     pm = (p or {}).get("pass_metrics", {}).get("pat", {})
     commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    keep = ("method", "hidden_from", "hidden_to", "tuning", "trainable_parameters", "parameters_after",
+    keep = ("method", "mask_init", "kept_changed_from_init", "hidden_from", "hidden_to", "tuning", "trainable_parameters", "parameters_after",
             "kl_heldout_oneshot", "kl_heldout_masked", "kl_heldout", "kept_before_snap", "snapped", "snap_step",
             "kept_per_step", "seconds")
     return {"row": name, "commit": commit, "spec": spec, "wall_seconds": round(wall, 1),

@@ -223,3 +223,31 @@ def test_prune_then_tune_baselines_slice_one_shot_then_tune(tmp_path, method):
     assert res.shape["hidden_size"] == 32 and len(m["kept_channels"]) == 32
     assert m["kl_heldout"] < m["kl_heldout_oneshot"]  # the tuning recovers
     assert "prune-then-tune" in res.report[0] and "kept_per_step" not in m
+
+
+def test_warm_start_ranks_theta_by_the_scores_and_the_mask_refines_it(tmp_path):
+    from compress.passes.pat.hsm import SharedMask
+    from compress.passes.pat.run import channel_scores
+    from compress.evaluation import heldout_split
+    from compress.models import load_model
+
+    mask = SharedMask(8, 40)
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.5, 0.0, 0.7, 0.2, 0.3])
+    mask.rank_init(scores, 3, 0.1)
+    # 1, 5, then 2 before 3 (a tie broken by index) are kept; theta spans the spread, evenly, in score order
+    assert mask.kept().tolist() == [1, 2, 5]
+    order = [1, 5, 2, 3, 7, 6, 0, 4]
+    assert torch.allclose(mask.theta.data[order], 0.1 * (2.5 - torch.arange(8.0)) / 8)
+    assert float((mask().detach() - 1).abs().max()) < 0.02  # step 0: within 2 % of the identity
+
+    parent = _tiny_parent(tmp_path)
+    teacher = _teacher(parent)
+    res = pat(parent, _cfg(mask_init="activation"), _ctx(tmp_path, parent, "warm", teacher))
+    m = res.metrics["pat"]
+    train_blocks, _ = heldout_split(_blocks(make_tokenizer()), 2)
+    want = torch.topk(channel_scores(load_model(parent.path), "activation", train_blocks[:16]), 32)
+    assert m["init_channels"] == sorted(want.indices.tolist())
+    assert m["kept_per_step"][0] == 32 and m["kept_per_step"][-1] == 32 and len(m["kept_channels"]) == 32
+    assert m["kept_changed_from_init"] == len(set(m["kept_channels"]) - set(m["init_channels"]))
+    assert res.shape["hidden_size"] == 32 and "theta from activation" in res.report[0]
+    assert abs(m["kl_heldout_masked"] - m["kl_heldout"]) < 1e-3 + 1e-2 * m["kl_heldout_masked"]

@@ -23,7 +23,14 @@ class PATConfig(Config):
                "baselines - channels chosen one-shot (their share of the weights that write and read them / of the "
                "residual stream's energy on the calibration sequences), the model sliced, then tuned with the same "
                "losses for the same steps")
-    calibration_blocks: int = help_field(16, "activation: sequences the residual energy is measured on")
+    mask_init: Literal["zero", "magnitude", "activation"] = help_field(
+        "zero", "pat: where theta starts. zero: the authors' (every channel equal; the mask learns the ranking from "
+                "nothing); magnitude / activation: ranked by the baselines' one-shot scores, theta spread over "
+                "+-mask_init_spread so that the top d' start kept (the mask is then within about 2 % of 1 at step 0, "
+                "not exactly 1), and the mask refines that ranking while tuning")
+    mask_init_spread: float = help_field(0.1, "magnitude / activation mask_init: theta spans this range, in rank order")
+    calibration_blocks: int = help_field(16, "activation (method or mask_init): sequences the residual energy is "
+                                             "measured on")
     tuning: Literal["full", "lora"] = help_field(
         "full", "full: every weight of the model is tuned; lora: the decoder Linears get low-rank adapters "
                 "(folded in when the model is sliced), the rest stays frozen")
@@ -60,6 +67,8 @@ class PATConfig(Config):
                 self._fail(key, "must be at least 1")
         if self.lora_alpha <= 0:
             self._fail("lora_alpha", "must be > 0")
+        if not 0 < self.mask_init_spread <= 1:
+            self._fail("mask_init_spread", f"must be in (0, 1], got {self.mask_init_spread}")
         for key in ("mask_lr", "hsm_lr"):
             if not 0 < getattr(self, key) < 10:
                 self._fail(key, f"must be in (0, 10), got {getattr(self, key)}")

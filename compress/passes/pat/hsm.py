@@ -78,6 +78,15 @@ class SharedMask(nn.Module):
         return self.step >= HOLD_AT * self.total
 
     @torch.no_grad()
+    def rank_init(self, scores: torch.Tensor, target: int, spread: float) -> None:
+        """theta in the order of ``scores`` (highest first, ties by channel index), evenly spaced over
+        ``spread``, the ``target`` best positive and the rest negative: a warm start the mask refines."""
+        order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
+        d = scores.numel()
+        for pos, j in enumerate(order):
+            self.theta.data[j] = spread * (target - 0.5 - pos) / d
+
+    @torch.no_grad()
     def hold(self, target: int) -> float:
         """Shift every ``theta`` by one constant so that exactly ``target`` are >= 0 (the midpoint of
         the ``target``-th and the next largest moves to 0); the ranking and the gaps stay as they are.

@@ -162,7 +162,13 @@ def prune_then_tune(student, teacher, cfg: PATConfig, ctx: PassContext, train_bl
 def _pat(student, teacher, cfg: PATConfig, ctx: PassContext, train_blocks, held, settings, why: str,
          summary: dict[str, Any]) -> int:
     """PAT proper: the mask learned while tuning, then the model sliced; returns ``d'``."""
+    scores = (channel_scores(student, cfg.mask_init, train_blocks[:cfg.calibration_blocks])
+              if cfg.mask_init != "zero" else None)  # on the unhooked model
     modules, adapters = attach(student, cfg)
+    summary["mask_init"] = cfg.mask_init
+    if scores is not None:
+        modules.mask.rank_init(scores, cfg.hidden, cfg.mask_init_spread)
+        summary["init_channels"] = modules.mask.kept().tolist()
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     summary["trainable_parameters"] = trainable
     ctx.log(f"pat: hidden {summary['hidden_from']} -> {cfg.hidden}, {cfg.tuning} tuning ({trainable / 1e6:.1f} M "
@@ -180,6 +186,8 @@ def _pat(student, teacher, cfg: PATConfig, ctx: PassContext, train_blocks, held,
     summary.update({k: record[k] for k in ("kept_before_snap", "snapped", "snap_step", "hold_shift_max") if k in record})
     summary["kl_heldout_masked"] = heldout_kl(student, teacher, held)
     summary["kept_channels"] = mask.kept().tolist()
+    if "init_channels" in summary:  # how far tuning moved the mask from its warm start
+        summary["kept_changed_from_init"] = len(set(summary["kept_channels"]) - set(summary["init_channels"]))
     d_new = materialize(student, modules)
     del student._modules["pat"]
     summary["kl_heldout"] = heldout_kl(student, teacher, held)
@@ -214,7 +222,8 @@ def pat(parent: Artifact, cfg: PATConfig, ctx: PassContext) -> PassResult:
     shape = arch_of(student).shape(student.config.to_dict())
     t = summary["train"]
     if cfg.method == "pat":
-        line = (f"PAT sliced the hidden dimension {d} -> {d_new} ({cfg.tuning} tuning, {t['steps']} steps; the mask "
+        line = (f"PAT sliced the hidden dimension {d} -> {d_new} ({cfg.tuning} tuning, {t['steps']} steps, theta "
+                f"from {cfg.mask_init}; the mask "
                 f"kept {summary.get('kept_before_snap', d_new)} channels at 0.8 G, snapped to {d_new}): held-out KL to "
                 f"the teacher {summary['kl_heldout']:.4f}.")
     else:
