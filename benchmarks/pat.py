@@ -9,9 +9,11 @@ on the same windows, KL to the teacher. Every row ends with an fp32 ONNX export 
 scored the same way as that export.
 
 Rows (`--rows`, comma-separated), for H in 512, 448, 384:
-- `patH`: the pat pass (mask learned while tuning, full tuning, CE + KL), STEPS x BATCH x 512 tokens.
-- `patH-magnitude`, `patH-activation`: the same, theta warm-started in the order of that baseline's
-  one-shot channel scores (`pat.mask_init`), so the mask refines a ranking instead of learning one.
+- `patH`: the pat pass as shipped (theta warm-started in the order of the activation baseline's
+  one-shot channel scores, the mask refined while tuning; full tuning, CE + KL), STEPS x BATCH x 512
+  tokens.
+- `patH-zero`: the same with the authors' start (theta = 0: the ranking learned from nothing);
+  `patH-magnitude`: warm-started from the magnitude baseline's ranking.
 - `magnitudeH`, `activationH`: the prune-then-tune baselines: channels chosen one-shot (weight
   magnitude / residual energy), the model sliced, then the same losses for the same steps.
 - `pat-4bit`, `dense-4bit`: the shipped profiles cpu-pat-4bit and cpu-4bit end to end on the same
@@ -73,8 +75,9 @@ def rows() -> dict[str, dict]:
     export = [{"name": "export_onnx", "config": {"precision": "fp32", "provider": "cpu"}}]
     for h in WIDTHS:
         for method in ("pat", "magnitude", "activation"):
-            out[f"{method}{h}"] = {"passes": [{"name": "pat", "config": pat_config(method, h)}, *export]}
-        for init in ("magnitude", "activation"):  # PAT warm-started from a baseline's ranking
+            extra = {"mask_init": "activation"} if method == "pat" else {}
+            out[f"{method}{h}"] = {"passes": [{"name": "pat", "config": pat_config(method, h, **extra)}, *export]}
+        for init in ("zero", "magnitude"):  # the authors' start, and the other baseline's ranking
             out[f"pat{h}-{init}"] = {"passes": [{"name": "pat", "config": pat_config("pat", h, mask_init=init)},
                                                 *export]}
     out["pat-4bit"] = {"profile": "cpu-pat-4bit"}

@@ -71,7 +71,9 @@ def test_pass_output_is_the_sliced_model_and_states_its_shape(tmp_path):
     assert cfg["hidden_size"] == 32 and cfg["head_dim"] == 16 and cfg["tie_word_embeddings"] is True
     model = load_model(tmp_path / "p")
     assert model.model.embed_tokens.weight.shape == (320, 32) and model.lm_head.weight is model.model.embed_tokens.weight
-    assert len(m["kept_channels"]) == 32 and m["kept_per_step"][0] == 64 and m["kept_per_step"][-1] == 32
+    # the default warm start: exactly d' kept from the first step
+    assert m["mask_init"] == "activation" and len(m["init_channels"]) == 32
+    assert len(m["kept_channels"]) == 32 and m["kept_per_step"][0] == 32 and m["kept_per_step"][-1] == 32
     # the pass compared the sliced model with the hard-masked one on its held-out sequences
     assert m["kl_heldout"] == pytest.approx(m["kl_heldout_masked"], rel=1e-3, abs=1e-5)
     assert m["parameters_after"] < sum(p.numel() for p in teacher.parameters())

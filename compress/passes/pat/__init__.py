@@ -11,8 +11,9 @@ register_pass(
     entry="compress.passes.pat.run:pat",
     summary="learn which residual channels to keep while tuning (shared mask, HSM transforms, CE + KL), then slice "
             "the hidden dimension to pat.hidden",
-    # algorithm 1: first release; 2: the kept count held at d' from 0.5 G (theta shifted before each step)
-    algorithm=2,
+    # algorithm 1: first release; 2: the kept count held at d' from 0.5 G (theta shifted before each step);
+    # 3: theta starts ranked by the activation scores (mask_init: activation, the new default)
+    algorithm=3,
     accepts=("hf",),
     produces="hf",
     uses=("data", "teacher"),

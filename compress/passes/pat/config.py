@@ -24,10 +24,11 @@ class PATConfig(Config):
                "residual stream's energy on the calibration sequences), the model sliced, then tuned with the same "
                "losses for the same steps")
     mask_init: Literal["zero", "magnitude", "activation"] = help_field(
-        "zero", "pat: where theta starts. zero: the authors' (every channel equal; the mask learns the ranking from "
-                "nothing); magnitude / activation: ranked by the baselines' one-shot scores, theta spread over "
-                "+-mask_init_spread so that the top d' start kept (the mask is then within about 2 % of 1 at step 0, "
-                "not exactly 1), and the mask refines that ranking while tuning")
+        "activation", "pat: where theta starts. activation (default) / magnitude: ranked by that baseline's one-shot "
+                      "channel scores, theta spread over mask_init_spread so that the top d' start kept (the mask is "
+                      "then within 2 % of 1 at step 0, not exactly 1) and tuning refines the ranking; zero: the "
+                      "authors' (every channel equal, the ranking learned from nothing: measured on SmolLM2 at "
+                      "576 -> 448 with 100 steps, x1.886 the teacher's perplexity against x1.216 from activation)")
     mask_init_spread: float = help_field(0.1, "magnitude / activation mask_init: theta spans this range, in rank order")
     calibration_blocks: int = help_field(16, "activation (method or mask_init): sequences the residual energy is "
                                              "measured on")
