@@ -19,10 +19,12 @@ Rows (`--rows`, comma-separated), for H in 512, 448, 384:
 - `pat-4bit`, `dense-4bit`: the shipped profiles cpu-pat-4bit and cpu-4bit end to end on the same
   data (their own step budgets): the deployed MatMulNBits exports.
 
-`--latency`: every finished row's export and the unpruned fp32 export (the teacher, `compress
-model --profile cpu-fp32`) profiled in one process, one after another, on this machine (`compress
-profile`: 128 prompt + 128 new tokens, greedy, median of 5 runs after a warm-up): decode and
-prefill tokens/s, TTFT, peak RSS, as ratios to the unpruned export of the same precision.
+`--latency ROW,ROW` (or `all`): those rows' exports - with `dense` (the unpruned fp32 export of the
+teacher, row `dense`: `compress model --profile cpu-fp32`) - and any `--latency-extra NAME=PATH`
+export (a run as users run it: `pat-4bit` / `dense-4bit` name the 4-bit pair) profiled in one call,
+one after another, on this machine (`compress profile`: 128 prompt + 128 new tokens, greedy, median
+of 5 runs after a warm-up): decode and prefill tokens/s, TTFT, peak RSS, as ratios to the unpruned
+export of the same precision.
 
 `--balance`: the count loss against CE + KL on the real model (issue 18: "re-balanced for d = 576
 and checked against CE"): per-channel gradient on theta of each loss term, at step 0 and after a few
@@ -33,7 +35,7 @@ test, the teacher's answers, stdlib code and docstrings); set COMPRESS_CACHE_DIR
 holds the teacher's answers.
 
     python benchmarks/pat.py --repo /work/fresh22 --rows pat448,magnitude448,activation448
-    python benchmarks/pat.py --latency
+    python benchmarks/pat.py --latency dense,pat448 --latency-extra pat-4bit=RUN/stages/03-export_onnx ...
     python benchmarks/pat.py --balance
 
 Result: benchmarks/results/pat.json (rows merge across invocations). wikitext-2: CC BY-SA 3.0.
@@ -132,14 +134,13 @@ def run_row(name: str, spec: dict, repo: Path, work: Path, cache: Path) -> dict[
                     "train": {k: v for k, v in (pm.get("train") or {}).items() if not isinstance(v, (list, dict))}}}
 
 
-def latency(result: dict, names: list[str]) -> dict[str, Any]:
-    """Every named row's export profiled in this one process, one after another (compress profile)."""
+def latency(folders: dict[str, str]) -> dict[str, Any]:
+    """Every named export profiled in this one call, one after another (compress profile)."""
     from compress import api
 
-    folders = [result["rows"][n]["path"] for n in names]
-    rep = api.profile(folders, runs=5, warmup=1, prompt_tokens=128, new_tokens=128, quiet=True)
+    rep = api.profile(list(folders.values()), runs=5, warmup=1, prompt_tokens=128, new_tokens=128, quiet=True)
     out = {}
-    for n, r in zip(names, rep["results"]):
+    for n, r in zip(folders, rep["results"]):
         out[n] = {k: r.get(k) for k in ("decode_tokens_per_second", "prefill_tokens_per_second", "ttft_ms",
                                          "peak_rss_bytes", "disk_bytes", "threads")}
     return out
@@ -232,7 +233,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "pat")
     ap.add_argument("--out", type=Path, default=RESULT)
     ap.add_argument("--render", action="store_true", help="print the result as markdown tables and stop")
-    ap.add_argument("--latency", action="store_true", help="profile every finished row's export side by side")
+    ap.add_argument("--latency", help="comma-separated finished rows (or 'all'): their exports profiled side by side")
+    ap.add_argument("--latency-extra", action="append", default=[], metavar="NAME=PATH",
+                    help="--latency: also profile this export (e.g. a `compress model --profile cpu-pat-4bit` run "
+                         "as users run it), recorded under NAME")
     ap.add_argument("--balance", action="store_true", help="the count loss's gradient against CE + KL")
     ap.add_argument("--heldout", help="comma-separated finished rows: their exports on heldout.py's domains")
     args = ap.parse_args()
@@ -272,9 +276,15 @@ def main() -> int:
             save()
         return 0
     if args.latency:
-        names = [n for n in result["rows"] if result["rows"][n]["format"] == "onnx"]
-        base = {n: ("dense-4bit" if n.endswith("4bit") else "dense") for n in names}
-        result["latency"] = {"rows": latency(result, names), "baseline_for": base, "date": time.strftime("%Y-%m-%d"),
+        names = ([n for n in result["rows"] if result["rows"][n]["format"] == "onnx"] if args.latency == "all"
+                 else args.latency.split(","))
+        folders = {n: result["rows"][n]["path"] for n in names}
+        for item in args.latency_extra:
+            name, _, path = item.partition("=")
+            folders[name] = str(Path(path).resolve())
+        base = {n: ("dense-4bit" if n.endswith("4bit") else "dense") for n in folders}
+        result["latency"] = {"rows": latency(folders), "folders": folders, "baseline_for": base,
+                             "date": time.strftime("%Y-%m-%d"),
                              "note": "one process, the exports one after another (compress profile)"}
         save()
         print(render(result))

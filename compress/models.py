@@ -122,13 +122,38 @@ def _legacy_rope(rope: dict) -> tuple[float, dict | None]:
     return rope["rope_theta"], None if rest.get("rope_type", "default") == "default" else rest
 
 
+def _narrow_hidden(cfg: dict) -> int | None:
+    """``hidden_size`` when it is not a multiple of the attention heads although ``head_dim`` is
+    explicit (a sliced residual stream: PAT's 448 channels under 9 heads of 64), else None.
+    The LLaMA modules size q/k/v/o from ``num_attention_heads x head_dim`` and run such a model,
+    but transformers 5.x (through 5.24 at least) refuses the config on load and on save
+    (huggingface/transformers#46082); :func:`load_config` and :func:`save_model` step around it."""
+    h, n, hd = cfg.get("hidden_size"), cfg.get("num_attention_heads"), cfg.get("head_dim")
+    if all(isinstance(v, int) and v > 0 for v in (h, n, hd)) and h % n:
+        return h
+    return None
+
+
 def load_config(path: Path):
     """The model's ``AutoConfig``, with RoPE read alike under both transformers majors: a config
-    written by transformers 5 (``rope_parameters`` only) gets its ``rope_theta`` under 4.x too."""
+    written by transformers 5 (``rope_parameters`` only) gets its ``rope_theta`` under 4.x too.
+    A ``hidden_size`` that is not a multiple of the heads (explicit ``head_dim``) is read past
+    transformers 5's check (:func:`_narrow_hidden`)."""
     import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    from .untrusted import read_json
+
+    narrow = _narrow_hidden(read_json(Path(path) / "config.json"))
+    if narrow is None:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    else:  # built with a width the check accepts, then given its own (assignment is not checked)
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        raw = read_json(Path(path) / "config.json")
+        config = CONFIG_MAPPING[raw["model_type"]].from_dict(
+            {**raw, "hidden_size": raw["num_attention_heads"] * raw["head_dim"]})
+        config.hidden_size = narrow
     rope = getattr(config, "rope_parameters", None)
     if int(transformers.__version__.split(".")[0]) < 5 and isinstance(rope, dict) and "rope_theta" in rope:
         # transformers 4.x keeps rope_parameters as an unknown key and would use rope_theta's default
@@ -137,8 +162,21 @@ def load_config(path: Path):
 
 
 def save_model(model, folder: Path) -> None:
-    """``save_pretrained`` (safetensors) with a ``config.json`` both transformers majors read alike."""
-    model.save_pretrained(folder, safe_serialization=True)
+    """``save_pretrained`` (safetensors) with a ``config.json`` both transformers majors read alike
+    (and a ``hidden_size`` that is not a multiple of the heads written past transformers 5's
+    check, :func:`_narrow_hidden`)."""
+    config = model.config
+    narrow = _narrow_hidden(config.to_dict())
+    if narrow is not None:
+        config.hidden_size = config.num_attention_heads * config.head_dim
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if narrow is not None:
+            config.hidden_size = narrow
+    path = Path(folder) / "config.json"
+    if narrow is not None and path.is_file():
+        atomic_write_json(path, {**json.loads(path.read_text()), "hidden_size": narrow})
     portable_config_(folder)
 
 
@@ -231,10 +269,14 @@ def load_hf_model(path: Path, *, dtype: torch.dtype = torch.float32, **_):
     from transformers import AutoModelForCausalLM
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, config=load_config(path), dtype=dtype, use_safetensors=True, trust_remote_code=False,
-            local_files_only=True, output_loading_info=True,
-        )
+        config = load_config(path)
+        if _narrow_hidden(config.to_dict()) is None:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+                local_files_only=True, output_loading_info=True,
+            )
+        else:  # from_pretrained re-checks the config under transformers 5: built, then the weights loaded
+            model, info = _load_narrow(path, config, dtype)
     except Exception as exc:
         raise UserError(f"cannot load weights from {path}: {one_line(exc)}") from None
     # the loader only warns (and we silence it) where weights are missing -- it initializes them at
@@ -250,6 +292,25 @@ def load_hf_model(path: Path, *, dtype: torch.dtype = torch.float32, **_):
         raise UserError(f"{path}: the weights do not match config.json: tensors " + ", ".join(parts))
     model.eval()
     return model
+
+
+def _load_narrow(path: Path, config, dtype: torch.dtype):
+    """A model whose ``hidden_size`` is not a multiple of its heads (:func:`_narrow_hidden`): built
+    from the config, then its safetensors loaded (every shard); ``info`` as ``from_pretrained``'s."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    result = model.load_state_dict(state, strict=False)  # a tensor of another shape raises
+    model.tie_weights()
+    return model, {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys),
+                   "mismatched_keys": []}
 
 
 def teacher_folder(artifact_path: Path) -> Path | None:

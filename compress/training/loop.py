@@ -84,6 +84,9 @@ class Hooks:
     load_state: Callable[[torch.nn.Module, dict], None] | None = None
     # the loss of one micro-batch: (loss, {term: value}); default: the weighted distillation terms
     loss: Callable[["LossInputs"], tuple[torch.Tensor, dict[str, float]]] | None = None
+    # some trainable parameters stop receiving gradients part-way (e.g. PAT's mask after 0.8 G):
+    # under several processes DDP must then look for unused parameters each step
+    unused_parameters: bool = False
 
 
 @dataclass
@@ -193,7 +196,12 @@ def train(
     if hooks.loss is None and settings.loss.needs_teacher and teacher is None:
         raise ValueError("these loss weights need a teacher")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    accelerator = Accelerator(cpu=not use_cuda)
+    handlers = []
+    if hooks.unused_parameters:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    accelerator = Accelerator(cpu=not use_cuda, kwargs_handlers=handlers)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     work_dir = Path(work_dir)
     ckpt_path = work_dir / CHECKPOINT

@@ -104,7 +104,7 @@ def hooks_for(modules: PATModules, cfg: PATConfig, record: dict[str, Any]) -> Ho
         record.setdefault("kept", {})[inp.step] = counted
         return total, parts
 
-    return Hooks(param_groups=param_groups, loss=loss)
+    return Hooks(param_groups=param_groups, loss=loss, unused_parameters=True)  # theta, from 0.8 G
 
 
 @torch.no_grad()
