@@ -144,13 +144,13 @@ def load_config(path: Path):
 
     from .untrusted import read_json
 
-    narrow = _narrow_hidden(read_json(Path(path) / "config.json"))
+    raw = read_json(Path(path) / "config.json")
+    narrow = _narrow_hidden(raw)
     if narrow is None:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     else:  # built with a width the check accepts, then given its own (assignment is not checked)
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        raw = read_json(Path(path) / "config.json")
         config = CONFIG_MAPPING[raw["model_type"]].from_dict(
             {**raw, "hidden_size": raw["num_attention_heads"] * raw["head_dim"]})
         config.hidden_size = narrow

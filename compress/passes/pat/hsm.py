@@ -52,6 +52,11 @@ def mask_bias(step: int, total: int) -> float:
     return max(0.5 - step / max(total, 1), 0.0)
 
 
+def ranking(values: torch.Tensor) -> torch.Tensor:
+    """Channel indices from the highest value down, ties by channel index (deterministic)."""
+    return torch.tensor(sorted(range(values.numel()), key=lambda j: (-float(values[j]), j)), dtype=torch.long)
+
+
 class SharedMask(nn.Module):
     """The one mask over the ``d`` residual channels (``theta``, init 0)."""
 
@@ -81,10 +86,9 @@ class SharedMask(nn.Module):
     def rank_init(self, scores: torch.Tensor, target: int, spread: float) -> None:
         """theta in the order of ``scores`` (highest first, ties by channel index), evenly spaced over
         ``spread``, the ``target`` best positive and the rest negative: a warm start the mask refines."""
-        order = sorted(range(scores.numel()), key=lambda j: (-float(scores[j]), j))
         d = scores.numel()
-        for pos, j in enumerate(order):
-            self.theta.data[j] = spread * (target - 0.5 - pos) / d
+        pos = torch.arange(d, dtype=self.theta.dtype)
+        self.theta.data[ranking(scores)] = spread * (target - 0.5 - pos) / d
 
     @torch.no_grad()
     def hold(self, target: int) -> float:
@@ -106,9 +110,8 @@ class SharedMask(nn.Module):
         channels on the wrong side to -+0.5; returns how many were flipped (0 when the count already
         holds). Deterministic (ties by channel index), and idempotent."""
         theta = self.theta.data
-        order = sorted(range(theta.numel()), key=lambda j: (-float(theta[j]), j))
         keep = torch.zeros(theta.numel(), dtype=torch.bool)
-        keep[order[:target]] = True
+        keep[ranking(theta)[:target]] = True
         up = keep & (theta <= 0)
         down = ~keep & (theta > 0)
         theta[up] = 0.5
