@@ -25,6 +25,9 @@ from .errors import UserError, one_line
 
 MANIFEST = "manifest.json"
 ONNX_CONFIG = "genai_config.json"  # marks an ONNX export folder (its onnxruntime-genai config)
+#: In an ONNX export's config.json: the graph's residual width where ``hidden_size`` there was
+#: written as heads x head_dim for the consumers that size a KV cache from it (a pruned width)
+GRAPH_HIDDEN_KEY = "compress_graph_hidden_size"
 QUANT_CONFIG = "quantization.json"  # marks a quantized artifact
 MASKS_FILE = "masks.safetensors"  # sparsity masks (compress.masks); never counted as weights
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,38 @@ def genai_generate(folder: Path, prompt: "str | list[int]", n: int) -> tuple[lis
 
     _, new, text = genai_greedy(folder, prompt, n)
     return new, text
+
+
+def optimum_generate(folder: Path, text: str, n: int) -> tuple[list[int], list[str]]:
+    """optimum's ORTModelForCausalLM from text; returns the new tokens and every warning it emitted."""
+    pytest.importorskip("optimum.onnxruntime")
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    records: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                records.append(record.getMessage())
+
+    handler = Catch()
+    loggers = [logging.getLogger(name) for name in ("optimum", "transformers", "")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = ORTModelForCausalLM.from_pretrained(folder)
+            tok = AutoTokenizer.from_pretrained(folder)
+            enc = tok(text, return_tensors="pt")
+            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    records += [str(w.message) for w in caught]
+    return out[0, enc["input_ids"].shape[1]:].tolist(), records
 
 
 class TrainingKilled(Exception):

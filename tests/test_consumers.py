@@ -10,18 +10,16 @@ on), recorded below.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from compress.errors import UserError
-from conftest import genai_generate
+from conftest import genai_generate, optimum_generate
 
 #: spaces (single, double, leading), newlines, tabs, digits, punctuation, non-ASCII, an emoji
 MIXED = ("The history of the city began in 1843.\n\nCafé déjà vu — 3.14159, naïve 北京 🙂!  Two  spaces\tand a tab.\n"
@@ -183,40 +181,8 @@ def test_tiny_export_generates_from_text_in_genai_like_pytorch(tiny_onnx, tiny_d
     assert got == _torch_greedy(tiny_dir, "The quick brown fox", 12)
 
 
-def _optimum_generate(folder: Path, text: str, n: int) -> tuple[list[int], list[str]]:
-    """optimum's ORTModelForCausalLM from text; returns the new tokens and every warning it emitted."""
-    pytest.importorskip("optimum.onnxruntime")
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
-
-    records: list[str] = []
-
-    class Catch(logging.Handler):
-        def emit(self, record):
-            if record.levelno >= logging.WARNING:
-                records.append(record.getMessage())
-
-    handler = Catch()
-    loggers = [logging.getLogger(name) for name in ("optimum", "transformers", "")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = ORTModelForCausalLM.from_pretrained(folder)
-            tok = AutoTokenizer.from_pretrained(folder)
-            enc = tok(text, return_tensors="pt")
-            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    records += [str(w.message) for w in caught]
-    return out[0, enc["input_ids"].shape[1]:].tolist(), records
-
-
 def test_tiny_export_is_a_first_class_optimum_model(tiny_onnx, tiny_dir):
-    got, warned = _optimum_generate(tiny_onnx, "The quick brown fox", 12)
+    got, warned = optimum_generate(tiny_onnx, "The quick brown fox", 12)
     assert got == _torch_greedy(tiny_dir, "The quick brown fox", 12)
     assert not [w for w in warned if "legacy" in w.lower() or "position_ids" in w], warned
 

@@ -259,9 +259,10 @@ def test_a_width_the_heads_do_not_divide_loads_exports_and_generates_from_text(t
     """d' = 64 under 6 heads of 16 (SmolLM2's 448 under 9 heads of 64 in small): transformers 5.x
     refuses such a config on load and save (huggingface/transformers#46082) though its modules run
     it; every stage still loads, quantizes and exports, and the export generates from text in
-    onnxruntime-genai as in our ONNX Runtime loop. (optimum 2.1 sizes its KV cache by hidden_size /
-    num_attention_heads for LLaMA, ignoring head_dim: such an export does not run there yet.)"""
-    from conftest import genai_generate
+    onnxruntime-genai and optimum as in our ONNX Runtime loop. (optimum sizes a LLaMA's KV cache
+    by hidden_size / num_attention_heads, ignoring head_dim: the export's config.json states
+    heads x head_dim there, the graph's width beside it.)"""
+    from conftest import genai_generate, optimum_generate
     from exporters.onnx.runtime import Decoder
     from compress.models import load_model
     from tiny import save_tiny
@@ -279,3 +280,8 @@ def test_a_width_the_heads_do_not_divide_loads_exports_and_generates_from_text(t
     prompt = AutoTokenizer.from_pretrained(onnx)("The quick brown fox")["input_ids"]
     ours = Decoder(onnx).generate(prompt, 12)
     assert genai_generate(onnx, "The quick brown fox", 12)[0] == ours
+    consumer = json.loads((onnx / "config.json").read_text())
+    assert (consumer["hidden_size"], consumer["compress_graph_hidden_size"], consumer["head_dim"]) == (96, 64, 16)
+    manifest = json.loads((onnx / "manifest.json").read_text())
+    assert manifest["invariants"]["shape"]["hidden_size"] == 64
+    assert optimum_generate(onnx, "The quick brown fox", 12)[0] == ours

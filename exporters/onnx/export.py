@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from compress.formats import ONNX_CONFIG, detect_format, weight_bytes
+from compress.formats import GRAPH_HIDDEN_KEY, ONNX_CONFIG, detect_format, weight_bytes
 from compress.errors import UserError
 from compress.tokenizer import copy_tokenizer_files
 
@@ -101,11 +101,15 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
     g.save(metadata={"producer": "compress", "precision": opts.precision})
     (out / ONNX_CONFIG).write_text(json.dumps(
         genai_config(dw, provider=opts.provider, position_ids=opts.layout.position_ids), indent=4))
+    widths = dw.hidden_size, dw.num_heads, dw.head_dim
     del dw
     copy_tokenizer_files(src, out)  # verbatim: what the source's consumers read, every runtime reads
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
+    consumer_config = _consumer_config(out, *widths)
+    if consumer_config:
+        log(consumer_config["note"])
     export_seconds = time.perf_counter() - t0
     result: dict[str, Any] = {
         "precision": opts.precision,
@@ -115,6 +119,7 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
         "accuracy_level": opts.accuracy_level if quantized else None,
         "export_seconds": export_seconds,
         "onnx_bytes": weight_bytes(out),
+        "consumer_config": consumer_config,
     }
     if opts.validate:
         provider = opts.provider
@@ -149,6 +154,32 @@ def export_model(src: Path, out: Path, opts: ExportOptions = ExportOptions(),
         result["validation"] = None
         log("validation skipped (validate: false)")
     return result
+
+
+def _consumer_config(out: Path, hidden: int, heads: int, head_dim: int) -> dict[str, Any] | None:
+    """Make the export's ``config.json`` loadable by the consumers that read it for shapes only.
+
+    A pruned residual width (PAT: 448 under 9 heads of 64) is no multiple of the head count.
+    optimum's ORTModelForCausalLM sizes a LLaMA's KV cache as hidden_size / num_attention_heads
+    (ignoring head_dim: 448 / 9 -> 49, not 64) and transformers 5.x refuses to load such a config
+    (huggingface/transformers#46082). Nothing in an ONNX folder reads config.json for the residual
+    width (the graph has it; genai_config.json states it), so there ``hidden_size`` becomes
+    heads x head_dim and the true width is kept under :data:`GRAPH_HIDDEN_KEY`. Returns what was
+    changed, or None when the width needs no change."""
+    from compress.untrusted import read_json
+
+    path = out / "config.json"
+    if not path.is_file() or hidden == heads * head_dim:
+        return None
+    config = read_json(path)
+    consumer = heads * head_dim
+    config.update({"hidden_size": consumer, GRAPH_HIDDEN_KEY: hidden, "head_dim": head_dim})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {"hidden_size": consumer, GRAPH_HIDDEN_KEY: hidden,
+            "note": f"config.json: hidden_size {hidden} is no multiple of {heads} heads; written as "
+                    f"{heads} x {head_dim} = {consumer} for optimum and transformers 5.x, which read it for the "
+                    f"KV-cache shape only (the graph's width {hidden} is kept as {GRAPH_HIDDEN_KEY} and in "
+                    f"genai_config.json)"}
 
 
 def _validate_exact_codes(out: Path, model, tokenizer, provider: str, opts: ExportOptions) -> dict[str, Any]:
