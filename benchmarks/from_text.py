@@ -1,13 +1,14 @@
 """An export used from text, the way each consumer's users run it: one fresh process per consumer.
 
-PyTorch greedy on the teacher (transformers' tokenizer and ``generate``), onnxruntime-genai's own
+PyTorch greedy on the teacher, or with ``--torch-model`` on the stage the export was made from
+(transformers' tokenizer and ``generate``), onnxruntime-genai's own
 tokenizer and loop, and optimum's ``ORTModelForCausalLM.generate`` continue the same text; each
 consumer may run in its own Python (a venv with its own transformers), since optimum-onnx caps
 transformers below 4.58 while transformers 5 is what a plain install gets. Every stderr line a
 consumer prints is kept (a "legacy model" warning would show there).
 
     python benchmarks/from_text.py EXPORT_DIR [--text "The capital of France is"] [--new-tokens 16]
-        [--torch-python PY] [--genai-python PY] [--optimum-python PY] [--out benchmarks/results/from_text.json]
+        [--torch-python PY] [--torch-model STAGE] [--genai-python PY] [--optimum-python PY] [--out benchmarks/results/from_text.json]
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH = """
 import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from compress.models import model_folder
+from compress.models import load_model, model_folder
 from compress.sources import resolve_source_ref
-folder, text, n = model_folder(resolve_source_ref(None)), sys.argv[2], int(sys.argv[3])
+text, n, stage = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if stage:  # the stage the export was made from (a quantized one runs as its fake-quant model)
+    folder, model, what = stage, load_model(stage), f"compress.models.load_model({stage})"
+else:
+    folder = model_folder(resolve_source_ref(None))
+    model, what = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), "teacher"
 tok = AutoTokenizer.from_pretrained(folder)
-model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 enc = tok(text, return_tensors="pt")
 out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
 new = out[0, enc["input_ids"].shape[1]:].tolist()
-print(json.dumps({"runtime": f"PyTorch {torch.__version__}, transformers {transformers.__version__} (teacher)",
+print(json.dumps({"runtime": f"PyTorch {torch.__version__}, transformers {transformers.__version__} ({what})",
                   "prompt_ids": enc["input_ids"][0].tolist(), "tokens": new, "text": tok.decode(new)}))
 """
 
@@ -61,9 +66,9 @@ print(json.dumps({"runtime": f"optimum-onnx {version('optimum-onnx')}, transform
 """
 
 
-def consumer(python: str, code: str, folder: Path, text: str, n: int) -> dict:
+def consumer(python: str, code: str, folder: Path, text: str, n: int, stage: str = "") -> dict:
     t = time.perf_counter()
-    proc = subprocess.run([python, "-c", code, str(folder), text, str(n)], capture_output=True, text=True,
+    proc = subprocess.run([python, "-c", code, str(folder), text, str(n), stage], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     res = {"python": python, "seconds": round(time.perf_counter() - t, 1), "exit_code": proc.returncode,
            "stderr": proc.stderr.strip().splitlines()[-20:]}
@@ -78,13 +83,16 @@ def main() -> int:
     ap.add_argument("--text", default="The capital of France is")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--torch-python", default=sys.executable)
+    ap.add_argument("--torch-model", type=Path, default=None,
+                    help="the PyTorch reference: the stage the export was made from (default: the embedded teacher)")
     ap.add_argument("--genai-python", default=sys.executable)
     ap.add_argument("--optimum-python", default=sys.executable)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "from_text.json")
     args = ap.parse_args()
     folder = args.export.resolve()
     rows = {
-        "pytorch": consumer(args.torch_python, TORCH, folder, args.text, args.new_tokens),
+        "pytorch": consumer(args.torch_python, TORCH, folder, args.text, args.new_tokens,
+                            str(args.torch_model.resolve()) if args.torch_model else ""),
         "onnxruntime-genai": consumer(args.genai_python, GENAI, folder, args.text, args.new_tokens),
         "optimum": consumer(args.optimum_python, OPTIMUM, folder, args.text, args.new_tokens),
     }

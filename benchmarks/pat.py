@@ -30,9 +30,10 @@ export of the same precision.
 and checked against CE"): per-channel gradient on theta of each loss term, at step 0 and after a few
 steps of the schedule, on wikitext-2 valid.
 
-`--heldout ROW,ROW`: a finished row's export on the held-out domains of heldout.py (wikitext-2
-test, the teacher's answers, stdlib code and docstrings); set COMPRESS_CACHE_DIR to a cache that
-holds the teacher's answers.
+`--heldout ROW,NAME=PATH,...`: a finished row's export (or any export, recorded under `runs`: the
+4-bit pair as users run it) on the held-out domains of heldout.py (wikitext-2 test, the teacher's
+answers, stdlib code and docstrings); set COMPRESS_CACHE_DIR to a cache that holds the teacher's
+answers.
 
     python benchmarks/pat.py --repo /work/fresh22 --rows pat448,magnitude448,activation448
     python benchmarks/pat.py --latency dense,pat448 --latency-extra pat-4bit=RUN/stages/03-export_onnx ...
@@ -238,7 +239,8 @@ def main() -> int:
                     help="--latency: also profile this export (e.g. a `compress model --profile cpu-pat-4bit` run "
                          "as users run it), recorded under NAME")
     ap.add_argument("--balance", action="store_true", help="the count loss's gradient against CE + KL")
-    ap.add_argument("--heldout", help="comma-separated finished rows: their exports on heldout.py's domains")
+    ap.add_argument("--heldout", help="comma-separated finished rows, or NAME=PATH exports (kept under 'runs'): "
+                                      "their exports on heldout.py's domains")
     args = ap.parse_args()
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"benchmark": "pat", "rows": {}}
     if args.render:
@@ -267,10 +269,16 @@ def main() -> int:
         from compress.sources import resolve_source_ref
 
         teacher = model_folder(resolve_source_ref(None), quiet=True)
-        for name in args.heldout.split(","):
-            per, seconds = evaluate_heldout(Path(result["rows"][name]["path"]), teacher)
-            result["rows"][name]["heldout"] = {"domains": per, "summary": summarize(per), "eval_seconds": seconds}
-            s = result["rows"][name]["heldout"]["summary"]
+        for item in args.heldout.split(","):
+            name, _, path = item.partition("=")
+            if path:  # an export made outside the rows (a profile run as users run it)
+                entry = result.setdefault("runs", {}).setdefault(name, {})
+                entry.update(path=str(Path(path).resolve()), date=time.strftime("%Y-%m-%d"))
+            else:
+                entry = result["rows"][name]
+            per, seconds = evaluate_heldout(Path(entry["path"]), teacher)
+            entry["heldout"] = {"domains": per, "summary": summarize(per), "eval_seconds": seconds}
+            s = entry["heldout"]["summary"]
             log(f"{name}: " + ", ".join(f"{n} x{v:.3f}" for n, v in s["ratios"].items())
                 + f"; geomean x{s['geomean_ratio']:.3f}")
             save()

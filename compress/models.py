@@ -165,12 +165,21 @@ def save_model(model, folder: Path) -> None:
     """``save_pretrained`` (safetensors) with a ``config.json`` both transformers majors read alike
     (and a ``hidden_size`` that is not a multiple of the heads written past transformers 5's
     check, :func:`_narrow_hidden`)."""
-    config = model.config
+    _save_past_width_check(model.config, folder, lambda: model.save_pretrained(folder, safe_serialization=True))
+
+
+def save_config(config, folder: Path) -> None:
+    """``config.save_pretrained`` as :func:`save_model` writes it (both majors alike, a narrow width
+    past transformers 5's check)."""
+    _save_past_width_check(config, folder, lambda: config.save_pretrained(folder))
+
+
+def _save_past_width_check(config, folder: Path, save) -> None:
     narrow = _narrow_hidden(config.to_dict())
-    if narrow is not None:
+    if narrow is not None:  # saved at a width the check accepts, then given its own
         config.hidden_size = config.num_attention_heads * config.head_dim
     try:
-        model.save_pretrained(folder, safe_serialization=True)
+        save()
     finally:
         if narrow is not None:
             config.hidden_size = narrow
@@ -228,8 +237,11 @@ def load_tokenizer(path: Path):
     for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
         if (Path(path) / name).exists():
             read_json(Path(path) / name)  # bounded and typed before transformers trusts it
+    cfg = Path(path) / "config.json"
+    # transformers 5 reads config.json through AutoConfig's check: a narrow width is handed over read
+    extra = {"config": load_config(path)} if cfg.is_file() and _narrow_hidden(read_json(cfg)) else {}
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False, **extra)
     except Exception as exc:
         raise UserError(f"cannot load tokenizer from {path}: {one_line(exc)}") from None
     if tok.pad_token_id is None:

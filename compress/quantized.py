@@ -264,10 +264,9 @@ def save_quantized(model: nn.Module, path: Path, info: dict[str, Any]) -> None:
     # tied fp weights appear under two names: store one
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in tensors:
         tensors.pop("lm_head.weight")
-    model.config.save_pretrained(path)
-    from .models import portable_config_
+    from .models import save_config
 
-    portable_config_(path)
+    save_config(model.config, path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
