@@ -26,15 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH = """
 import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from compress.models import load_model, model_folder
+from compress.models import load_model, load_tokenizer, model_folder
 from compress.sources import resolve_source_ref
 text, n, stage = sys.argv[2], int(sys.argv[3]), sys.argv[4]
-if stage:  # the stage the export was made from (a quantized one runs as its fake-quant model)
-    folder, model, what = stage, load_model(stage), f"compress.models.load_model({stage})"
+if stage:  # the stage the export was made from (a quantized one runs as its fake-quant model; a
+    # narrowed width's config is read past transformers 5's check, by compress's loaders)
+    model, tok, what = load_model(stage), load_tokenizer(stage), f"compress.models.load_model({stage})"
 else:
     folder = model_folder(resolve_source_ref(None))
     model, what = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), "teacher"
-tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
 enc = tok(text, return_tensors="pt")
 out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
 new = out[0, enc["input_ids"].shape[1]:].tolist()

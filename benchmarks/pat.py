@@ -214,12 +214,13 @@ def render(result: dict) -> str:
         lines.append(f"| `{name}` | {p.get('hidden_to', 576)} | {(r.get('parameters') or 0) / 1e6:.1f} | "
                      f"{r['perplexity']:.3f} | {r['ratio']:.3f} | {r['kl'] or 0:.4f} | {kl} | "
                      f"{r['weight_bytes'] / 1e6:.1f} | {(p.get('train') or {}).get('train_seconds', 0):.0f} |")
-    if result.get("latency"):
-        lines += ["", "| row | decode tok/s | × unpruned | prefill tok/s | × unpruned | TTFT ms | peak RSS MB |",
+    for key in [k for k in result if k.startswith("latency")]:
+        lines += ["", f"{key} ({result[key].get('date')}):", "",
+                  "| row | decode tok/s | × unpruned | prefill tok/s | × unpruned | TTFT ms | peak RSS MB |",
                   "|---|---|---|---|---|---|---|"]
-        lat = result["latency"]["rows"]
+        lat = result[key]["rows"]
         for n, r in lat.items():
-            base = lat.get(result["latency"]["baseline_for"].get(n, ""), r)
+            base = lat.get(result[key]["baseline_for"].get(n, ""), r)
             d, pf = r["decode_tokens_per_second"]["median"], r["prefill_tokens_per_second"]["median"]
             lines.append(f"| `{n}` | {d:.1f} | {d / base['decode_tokens_per_second']['median']:.3f} | {pf:.1f} | "
                          f"{pf / base['prefill_tokens_per_second']['median']:.3f} | {r['ttft_ms']['median']:.1f} | "
@@ -238,6 +239,8 @@ def main() -> int:
     ap.add_argument("--latency-extra", action="append", default=[], metavar="NAME=PATH",
                     help="--latency: also profile this export (e.g. a `compress model --profile cpu-pat-4bit` run "
                          "as users run it), recorded under NAME")
+    ap.add_argument("--latency-key", default="latency", help="--latency: the result key it is kept under "
+                    "(latency, latency_4bit, ...: one per side-by-side set)")
     ap.add_argument("--balance", action="store_true", help="the count loss's gradient against CE + KL")
     ap.add_argument("--heldout", help="comma-separated finished rows, or NAME=PATH exports (kept under 'runs'): "
                                       "their exports on heldout.py's domains")
@@ -291,7 +294,7 @@ def main() -> int:
             name, _, path = item.partition("=")
             folders[name] = str(Path(path).resolve())
         base = {n: ("dense-4bit" if n.endswith("4bit") else "dense") for n in folders}
-        result["latency"] = {"rows": latency(folders), "folders": folders, "baseline_for": base,
+        result[args.latency_key] = {"rows": latency(folders), "folders": folders, "baseline_for": base,
                              "date": time.strftime("%Y-%m-%d"),
                              "note": "one process, the exports one after another (compress profile)"}
         save()
