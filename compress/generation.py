@@ -122,9 +122,11 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, eos_ids, sample,
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     ids = input_ids
-    cache = new_cache(model)
+    from .models import cache_argument
+
+    cache, key = new_cache(model), cache_argument(type(model))
     for step in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{key: cache},
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         tok = next_tokens(logits, temperature=temperature, top_p=top_p, generator=generator, sample=sample)
         for r, t in zip(rows.tolist(), tok.tolist()):

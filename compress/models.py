@@ -338,7 +338,9 @@ def teacher_folder(artifact_path: Path) -> Path | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_argument(model_class: type) -> str:
+def cache_argument(model_class: type) -> str:
+    """The name a model class's ``forward`` takes its KV cache under: ``cache`` on transformers 5.x
+    (``past_key_values`` is deprecated there and warns on every call), ``past_key_values`` on 4.x."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
@@ -348,7 +350,7 @@ def forward_with_cache(model, input_ids, cache=None):
     """``(logits, cache)`` of one forward with the model's own KV cache, under transformers 4.x
     (``past_key_values``) and 5.x (``cache``; ``past_key_values`` is deprecated there). The argument's
     name is looked up once per model class: this runs in timed decode loops."""
-    key = _cache_argument(type(model))
+    key = cache_argument(type(model))
     out = model(input_ids=input_ids, use_cache=True, **({key: cache} if cache is not None else {}))
     return out.logits, (out["cache"] if "cache" in out.keys() else out.past_key_values)
 
