@@ -18,7 +18,7 @@ def export_onnx(parent: Artifact, cfg: ExportOnnxConfig, ctx: PassContext) -> Pa
     report = ([f"Export validated against PyTorch ({v.get('provider', 'cpu')}): {validation_line(v)}."] if v else
               ["Export not validated (validation: false)."])
     if result.get("consumer_config"):
-        report.append(result["consumer_config"]["note"][0].upper() + result["consumer_config"]["note"][1:] + ".")
+        report.append(f"{result['consumer_config']['note']}.")  # starts with the file's name, as spelled
     # the deployed folder carries no mask file (nothing trains after an export): sparsity is not an
     # invariant of an ONNX stage, though its weights keep the zeros they were given
     return PassResult(metrics={"export": result}, report=report, drop=("sparsity",))
