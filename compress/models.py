@@ -134,6 +134,20 @@ def _narrow_hidden(cfg: dict) -> int | None:
     return None
 
 
+def config_from_dict(raw: dict):
+    """The transformers config of ``raw`` (a ``config.json`` as a dict), a narrow width
+    (:func:`_narrow_hidden`) built past transformers 5's check: with a width the check accepts,
+    then given its own (assignment is not checked)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    narrow = _narrow_hidden(raw)
+    if narrow is None:
+        return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    config = CONFIG_MAPPING[raw["model_type"]].from_dict({**raw, "hidden_size": raw["num_attention_heads"] * raw["head_dim"]})
+    config.hidden_size = narrow
+    return config
+
+
 def load_config(path: Path):
     """The model's ``AutoConfig``, with RoPE read alike under both transformers majors: a config
     written by transformers 5 (``rope_parameters`` only) gets its ``rope_theta`` under 4.x too.
@@ -145,15 +159,10 @@ def load_config(path: Path):
     from .untrusted import read_json
 
     raw = read_json(Path(path) / "config.json")
-    narrow = _narrow_hidden(raw)
-    if narrow is None:
+    if _narrow_hidden(raw) is None:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    else:  # built with a width the check accepts, then given its own (assignment is not checked)
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        config = CONFIG_MAPPING[raw["model_type"]].from_dict(
-            {**raw, "hidden_size": raw["num_attention_heads"] * raw["head_dim"]})
-        config.hidden_size = narrow
+    else:
+        config = config_from_dict(raw)
     rope = getattr(config, "rope_parameters", None)
     if int(transformers.__version__.split(".")[0]) < 5 and isinstance(rope, dict) and "rope_theta" in rope:
         # transformers 4.x keeps rope_parameters as an unknown key and would use rope_theta's default

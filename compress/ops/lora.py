@@ -34,7 +34,28 @@ class LoRA(nn.Module):
         return ((x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype)) * self.scaling
 
 
-class Adapters(nn.Module):
+class HookedAdapters(nn.Module):
+    """Something added to the output of each named Linear (``names``) by a forward hook: a subclass
+    says what (:meth:`added`); :meth:`attach` hooks it in, :meth:`detach_hooks` takes it out."""
+
+    names: list[str]
+
+    def added(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module):
+        for i, name in enumerate(self.names):
+            self._handles.append(model.get_submodule(name).register_forward_hook(
+                lambda _m, inp, out, i=i: out + self.added(i, inp[0])))
+        return self
+
+    def detach_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class Adapters(HookedAdapters):
     """One :class:`LoRA` per named Linear of ``model``; :meth:`attach` hooks them in."""
 
     def __init__(self, model: nn.Module, names: list[str], rank: int, alpha: float, seed: int = 0):
@@ -47,16 +68,8 @@ class Adapters(nn.Module):
             self.adapters.append(LoRA(lin.in_features, lin.out_features, rank, alpha, g))
         self._handles: list = []
 
-    def attach(self, model: nn.Module) -> "Adapters":
-        for name, lora in zip(self.names, self.adapters):
-            self._handles.append(model.get_submodule(name).register_forward_hook(
-                lambda _m, inp, out, lora=lora: out + lora(inp[0])))
-        return self
-
-    def detach_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def added(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.adapters[index](x)
 
     @torch.no_grad()
     def fold(self, model: nn.Module) -> None:
