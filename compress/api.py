@@ -30,7 +30,7 @@ from .runner import execute_stage, load_for_eval, run, source_artifact, stage_is
 from .sources import SourceRef, check_fits_context, resolve_source_ref, source_id
 from .ui import UI
 
-__all__ = ["Plan", "evaluate", "export", "plan", "profile", "run"]
+__all__ = ["Plan", "evaluate", "export", "plan", "profile", "run", "subnets_list", "subnets_pick"]
 
 
 def _parent(ref: SourceRef, res: Resources) -> Artifact:
@@ -183,3 +183,80 @@ def profile(
         results += [{**row, "stage_id": sid} for row in result.latency]
     return {"target": tgt.to_dict(), "settings": dict(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
                                                       warmup=warmup), "created": now(), "results": results}
+
+
+# -------------------------------------------------------------------------------- subnets
+
+
+def supernet_stage(run: str | Path) -> Artifact:
+    """The supernet of ``run``: a supernet artifact itself, or the last supernet stage of a run folder."""
+    from .formats import detect_format
+
+    path = Path(run)
+    if not path.exists():
+        raise UserError(f"{run}: no such run folder or supernet artifact")
+    if detect_format(path) == "supernet":
+        return read_artifact(path)
+    stages = path / "stages"
+    found = [d for d in sorted(stages.iterdir()) if d.is_dir() and not d.name.startswith(".")
+             and detect_format(d) == "supernet"] if stages.is_dir() else []
+    if not found:
+        raise UserError(f"{run}: holds no supernet (run a profile with the amoeba pass, e.g. edge, first)")
+    return read_artifact(found[-1])
+
+
+def subnets_list(run: str | Path) -> dict[str, Any]:
+    """The subnet table of a run's supernet (torch-free: read from its ``supernet.json``)."""
+    from .untrusted import read_json
+
+    art = supernet_stage(run)
+    meta = read_json(art.path / "supernet.json")
+    metrics = art.manifest.get("metrics") or {}
+    keep = ("latency_bits", "latency_group", "prompt_tokens", "new_tokens", "runs", "min_layers")
+    return {"run": str(run), "stage": str(art.path), "id": art.id, **{k: meta.get(k) for k in keep},
+            "target": metrics.get("subnets_target"), "subnets": metrics.get("subnets") or []}
+
+
+def subnets_pick(
+    run: str | Path, out: str | Path | None = None, *, max_size_mb: float = 0.0, max_ms_per_token: float = 0.0,
+    max_ttft_ms: float = 0.0, max_ppl: float = 0.0, depth: int = 0, width: float = 0.0, margin: float = 0.0,
+    target: str | None = None, force: bool = False, quiet: bool = False,
+) -> dict[str, Any]:
+    """Extract the most accurate subnet of ``run``'s table within every given budget (the ``pick``
+    pass, under the same stage id as in a pipeline) into ``out`` (default ``RUN/subnet``). No
+    subnet within budget: a UserError naming the closest point (exit 2)."""
+    from .passes.amoeba.config import PickConfig
+    from .registry import get_pass
+    from .target import TargetConfig, load_target
+
+    spec = get_pass("pick")
+    cfg = PickConfig.from_dict(dict(max_size_mb=max_size_mb, max_ms_per_token=max_ms_per_token,
+                                    max_ttft_ms=max_ttft_ms, max_ppl=max_ppl, depth=depth, width=width,
+                                    margin=margin))
+    parent = supernet_stage(run)
+    table = subnets_list(run)
+    tgt = load_target(target) if target else TargetConfig.from_dict(table["target"] or {})
+    tgt.preflight()
+    ui = UI(quiet)
+    out = Path(out) if out is not None else Path(run) / "subnet"
+    sid = stage_id(parent.id, spec, cfg, target=tgt)
+    if stage_is(out, sid):
+        ui.log(f"{out} already holds this pick (id {sid}); nothing to do")
+        return _pick_result(read_artifact(out), cached=True)
+    remove_stale_temps(out.parent, prefix=f".{out.name}.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UserError(f"--out {out} exists and holds something else; use --force to replace it")
+    teacher = parent.teacher or {"id": parent.id, "path": str(parent.path)}
+    res = Resources(resolve_source_ref(str(parent.path)), DataConfig(), ui)
+    with staging_dir(out) as tmp, tempfile.TemporaryDirectory() as work:
+        ctx = PassContext(artifact_id=sid, out_dir=Path(tmp), work_dir=Path(work), teacher_path=Path(teacher["path"]),
+                          load_teacher=res.teacher, training_blocks=_no_data, progress=ui.progress, log=ui.log,
+                          target=tgt)
+        execute_stage(spec, cfg, parent, ctx, teacher=teacher, extra={"source": str(parent.path)})
+    return _pick_result(read_artifact(out), cached=False)
+
+
+def _pick_result(art: Artifact, cached: bool) -> dict[str, Any]:
+    pick = (art.manifest.get("metrics") or {}).get("pick") or {}
+    return {"out": str(art.path), "id": art.id, "cached": cached, "parameters": art.manifest.get("parameters"),
+            **pick}

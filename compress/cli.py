@@ -26,7 +26,9 @@ app = typer.Typer(
 profiles_app = typer.Typer(no_args_is_help=True, help="List and show deployment profiles.")
 passes_app = typer.Typer(no_args_is_help=True, help="List the registered passes.")
 app.add_typer(profiles_app, name="profiles")
+subnets_app = typer.Typer(no_args_is_help=True, help="The subnet table of an AmoebaLLM supernet, and picking from it.")
 app.add_typer(passes_app, name="passes")
+app.add_typer(subnets_app, name="subnets")
 
 
 def _emit_json(obj: Any) -> None:
@@ -228,6 +230,62 @@ def passes_list(as_json: bool = typer.Option(False, "--json")) -> None:
                          f"{r['summary']}\n")
         for k, v in r["config"].items():
             sys.stdout.write(f"    {k:<18} {v['default']!s:<10} {v['help']}\n")
+
+
+@subnets_app.command("list")
+def subnets_list_cmd(
+    run: str = typer.Argument(..., help="run folder (or the supernet stage itself) of a profile with the amoeba pass"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON result"),
+) -> None:
+    """The depth x width table: parameters, size, perplexity, KL, top-1, ms/token, TTFT, peak memory."""
+    from . import api
+
+    result = api.subnets_list(run)
+    if as_json:
+        _emit_json(result)
+        return
+    from .passes.amoeba.table import table_markdown
+
+    bits = result["latency_bits"]
+    target = result.get("target") or {}
+    sys.stdout.write(f"supernet {result['stage']}: latency and size at {bits}{'-bit' if bits != 'fp32' else ''} on "
+                     f"{target.get('device', 'cpu')}:{target.get('threads') or 'all cores'}, {result['prompt_tokens']} "
+                     f"prompt tokens; * = predicted from the measured points\n")
+    sys.stdout.write("\n".join(table_markdown(result["subnets"])) + "\n")
+
+
+@subnets_app.command("pick")
+def subnets_pick_cmd(
+    run: str = typer.Argument(..., help="run folder (or the supernet stage itself)"),
+    max_size_mb: float = typer.Option(0.0, "--max-size-mb", help="bytes on disk at the table's precision, MB"),
+    max_ms_per_token: float = typer.Option(0.0, "--max-ms-per-token", help="median decode step, ms"),
+    max_ttft_ms: float = typer.Option(0.0, "--max-ttft-ms", help="time to first token for the table's prompt, ms"),
+    max_ppl: float = typer.Option(0.0, "--max-ppl", help="perplexity on the run's primary evaluation domain"),
+    depth: int = typer.Option(0, "--depth", help="take this depth (with --width) instead of a budget"),
+    width: float = typer.Option(0.0, "--width", help="take this width fraction (with --depth)"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="cpu, cpu:THREADS, cuda or a .yaml (default: the table's)"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder (default RUN/subnet)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing, different --out folder"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON result"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no log lines"),
+) -> None:
+    """Extract the most accurate subnet within every budget given (measured); exit 2 naming the closest when none is."""
+    from . import api
+
+    result = api.subnets_pick(run, out, max_size_mb=max_size_mb, max_ms_per_token=max_ms_per_token,
+                              max_ttft_ms=max_ttft_ms, max_ppl=max_ppl, depth=depth, width=width, target=target,
+                              force=force, quiet=quiet)
+    if as_json:
+        _emit_json(result)
+        return
+    r = result["row"]
+    sys.stdout.write(f"subnet      {result['out']} (id {result['id']}{', cached' if result['cached'] else ''})\n"
+                     f"shape       depth {r['depth']}, width {r['width']} ({r['num_heads']} heads, MLP "
+                     f"{r['intermediate_size']}), {r['parameters'] / 1e6:.1f} M parameters\n"
+                     f"measured    {r['ms_per_token']:.2f} ms/token, TTFT {r['ttft_ms']:.1f} ms, "
+                     f"{r['size_mb']:.1f} MB\n"
+                     + (f"accuracy    perplexity {r['perplexity']:.3f}, KL {r['kl']:.4f}\n"
+                        if r.get("perplexity") is not None else ""))
 
 
 _interrupted = False

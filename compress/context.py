@@ -56,6 +56,9 @@ class PassContext:
     log: Callable[[str], None]
     target: Any = None  # compress.target.TargetConfig: where the pipeline runs and deploys
     parent_masks: Callable[[], dict[str, Any]] = lambda: {}  # the parent's sparsity masks (bool tensors)
+    #: the run's evaluation of a PyTorch model (every evaluation domain, as the runner scores a stage;
+    #: the teacher's references cached): for a pass that declares ``uses=("eval",)``, else None
+    evaluate: Callable[[Any], dict[str, Any]] | None = None
 
     def train(self, student, teacher, blocks, settings, *, hooks=None, masks=None) -> dict[str, Any]:
         """The shared loop with everything the pass need not know: the parent's sparsity masks

@@ -59,10 +59,14 @@ def register_format(fmt: Format) -> Format:
 
 
 def formats() -> list[Format]:
+    from .registry import ensure_builtin
+
+    ensure_builtin()  # a pass package may register its own format (the supernet)
     return sorted(_FORMATS.values(), key=lambda f: -f.priority)
 
 
 def get_format(name: str) -> Format:
+    formats()  # registered, including the pass packages' own
     try:
         return _FORMATS[name]
     except KeyError:

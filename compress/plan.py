@@ -93,9 +93,10 @@ def plan(
     pipeline.target.preflight()  # a CUDA target on a machine without CUDA: fail before any work
     for stage in pipeline.stages:
         stage.config.preflight()
-    if any(hasattr(st.config, "check_dims") for st in pipeline.stages):
-        dims = source_dims(source)
+    if any(hasattr(st.config, "check_dims") or getattr(st.config, "squarehead", 0) > 0 for st in pipeline.stages):
+        dims = teacher_dims = source_dims(source)
         for st in pipeline.stages:  # each stage sees the sizes of its input (a pruning pass changes them)
+            _check_squarehead(st, dims, teacher_dims)
             if hasattr(st.config, "check_dims"):
                 st.config.check_dims(dims)
             if hasattr(st.config, "output_dims"):
@@ -108,10 +109,24 @@ def plan(
     return Plan(pipeline=pipeline, source=source, data=specs[0], eval_data=eval_paths, formats=formats)
 
 
+def _check_squarehead(st, dims: dict, teacher: dict) -> None:
+    """SquareHead compares every block output with the teacher's: the student needs the teacher's
+    width and depth, which a pruning stage before it may have changed (or, picking by budget, may)."""
+    if getattr(st.config, "squarehead", 0) <= 0:
+        return
+    for key, what in (("hidden_size", "hidden size"), ("num_layers", "layer count")):
+        if key in teacher and dims.get(key) != teacher[key]:
+            now = dims.get(key)
+            have = f"{what} {now}" if now is not None else f"a {what} known only when it runs"
+            raise UserError(f"{st.spec.name}.squarehead: SquareHead compares block outputs with the teacher's "
+                            f"({what} {teacher[key]}), but an earlier stage leaves this stage's input with {have}; "
+                            f"set {st.spec.name}.squarehead=0 (and use kl)")
+
+
 def stage_id(parent_id: str, spec: PassSpec, cfg: Config, *, teacher_id: str | None = None,
-             data_key: str | None = None, target: Config | None = None) -> str:
+             data_key: str | None = None, target: Config | None = None, eval_key: str | None = None) -> str:
     """The cache id of a stage: its parent, the pass, its config, schema and algorithm version, and
-    exactly the inputs the pass declares it uses (teacher, training data, target)."""
+    exactly the inputs the pass declares it uses (teacher, training data, target, evaluation)."""
     inputs = []
     if "teacher" in spec.uses:
         inputs.append(f"teacher={teacher_id}")
@@ -119,4 +134,6 @@ def stage_id(parent_id: str, spec: PassSpec, cfg: Config, *, teacher_id: str | N
         inputs.append(f"data={data_key}")
     if "target" in spec.uses and target is not None:
         inputs.append(f"target={target.canonical_json()}")
+    if "eval" in spec.uses:
+        inputs.append(f"eval={eval_key}")
     return compute_id(parent_id, spec.name, cfg.canonical_json(), spec.version, ";".join(inputs))

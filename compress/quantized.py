@@ -230,6 +230,50 @@ def tie_quantized_head(model: nn.Module) -> None:
         model.set_input_embeddings(TiedQuantEmbedding(head, getattr(emb, "padding_idx", None)))
 
 
+def dividing_group(group: int, k: int) -> int:
+    """``group``, or the largest power of two >= 16 below it that divides ``k`` (``group`` itself when
+    none does: the last block is padded)."""
+    g = group
+    while g > 16 and k % g:
+        g //= 2
+    return g if k % g == 0 else group
+
+
+@torch.no_grad()
+def quantize_tied_head_(model: nn.Module, q: LinearQuant) -> None:
+    """The tied embedding / head as one min-max quantized ``QuantLinear`` that both read."""
+    head = model.get_output_embeddings()
+    w = head.weight.detach().float()
+    s, z = Q.minmax_params(w, q.bits, q.group, q.sym)
+    lin = nn.Linear(head.in_features, head.out_features, bias=False)
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    qm = QuantLinear.from_linear(lin, q, Q.quantize(w, s, z, q.bits, q.group), s, z)
+    qm.scale.requires_grad_(False)
+    qm.zero.requires_grad_(False)
+    model.set_output_embeddings(qm)
+    tie_quantized_head(model)
+
+
+@torch.no_grad()
+def quantize_rtn_(model: nn.Module, linear_names: list[str], bits: int, group: int, *, embed_bits: int | None = 8,
+                  embed_group: int = 64, masks: dict[str, torch.Tensor] | None = None) -> None:
+    """Round-to-nearest (min-max, asymmetric) group-wise quantization of ``linear_names`` and, where
+    tied, the embedding / head (``embed_bits``; None keeps it): the shapes and the format the
+    quantize pass writes, at its cheapest initialization. What a latency measurement needs: the
+    kernels' speed depends on the shapes, not on the values."""
+    masks = masks or {}
+    for name in linear_names:
+        lin = model.get_submodule(name)
+        q = LinearQuant(bits, dividing_group(group, lin.in_features), False)
+        w = lin.weight.detach().float()
+        s, z = Q.minmax_params(w, bits, q.group, q.sym)
+        replace_module(model, name, QuantLinear.from_linear(lin, q, Q.quantize(w, s, z, bits, q.group), s, z,
+                                                            masks.get(name)))
+    if embed_bits is not None and getattr(model.config, "tie_word_embeddings", False):
+        d = model.get_output_embeddings().in_features
+        quantize_tied_head_(model, LinearQuant(embed_bits, dividing_group(embed_group, d), True))
+
+
 # ---------------------------------------------------------------- artifact I/O
 
 def save_quantized(model: nn.Module, path: Path, info: dict[str, Any]) -> None:

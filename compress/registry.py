@@ -19,7 +19,7 @@ from .errors import UserError
 #: Packages whose ``__init__`` registers a built-in pass. Explicit, never scanned.
 BUILTIN_PASS_PACKAGES = (
     "compress.passes.distill", "compress.passes.export_onnx", "compress.passes.pat", "compress.passes.profile_latency",
-    "compress.passes.quantize", "compress.passes.sparse_ft",
+    "compress.passes.quantize", "compress.passes.sparse_ft", "compress.passes.amoeba",
 )
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -34,7 +34,7 @@ class PassSpec:
     algorithm: int  # bumped whenever the output for the same config and input changes (cache ids follow it)
     accepts: tuple[str, ...]  # input formats (compress.formats)
     produces: str | None  # output format; None: the input's (a pass that measures, or keeps the format)
-    uses: tuple[str, ...] = ()  # "data" (training blocks), "teacher", "target": what its stage id depends on
+    uses: tuple[str, ...] = ()  # "data" (training blocks), "teacher", "target", "eval": what its stage id depends on
     changes_model: bool = True  # False: the output computes exactly what the input does (not re-evaluated)
 
     @property
@@ -56,7 +56,7 @@ class PassSpec:
 
 _REGISTRY: dict[str, PassSpec] = {}
 _loaded = False
-USES = ("data", "teacher", "target")
+USES = ("data", "teacher", "target", "eval")  # eval: the run's evaluation text and settings (ctx.evaluate)
 
 
 def register_pass(
@@ -94,7 +94,7 @@ def register_pass(
     return spec
 
 
-def _ensure_builtin() -> None:
+def ensure_builtin() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
@@ -103,12 +103,12 @@ def _ensure_builtin() -> None:
 
 
 def list_passes() -> list[PassSpec]:
-    _ensure_builtin()
+    ensure_builtin()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def get_pass(name: str) -> PassSpec:
-    _ensure_builtin()
+    ensure_builtin()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -80,11 +80,12 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
     train_data = TrainingData.of(p.data, src_id, pipe.data, sequences) if data_stages else None
     data_key = f"{train_data.key};seq_len={pipe.data.seq_len}" if train_data else None
 
+    eval_key = hash_parts(*(f"{n}={s.fingerprint}" for n, s in domains), pipe.evaluation.canonical_json(), src_id)
     ids, dirs = [src_id], [out / STAGES / "00-source"]
     for i, st in enumerate(pipe.stages, 1):
-        ids.append(stage_id(ids[-1], st.spec, st.config, teacher_id=src_id, data_key=data_key, target=pipe.target))
+        ids.append(stage_id(ids[-1], st.spec, st.config, teacher_id=src_id, data_key=data_key, target=pipe.target,
+                            eval_key=eval_key))
         dirs.append(out / STAGES / f"{i:02d}-{st.spec.name}")
-    eval_key = hash_parts(*(f"{n}={s.fingerprint}" for n, s in domains), pipe.evaluation.canonical_json(), src_id)
 
     res = Resources(p.source, pipe.data, ui)
     if ranks.is_main and not stage_is(dirs[0], src_id):
@@ -138,7 +139,9 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
                         ctx = PassContext(
                             artifact_id=ids[i], out_dir=Path(tmp), work_dir=work, teacher_path=dirs[0].resolve(),
                             load_teacher=res.teacher, training_blocks=blocks, progress=ui.progress, log=ui.log,
-                            target=pipe.target)
+                            target=pipe.target,
+                            evaluate=_evaluator(domains, pipe.evaluation, res, ui, src_id) if "eval" in st.spec.uses
+                            else None)
                         execute_stage(st.spec, st.config, read_artifact(dirs[i - 1]), ctx, teacher=teacher_ref,
                                       data_label=train_data.label if (st.spec.needs_data and train_data) else None,
                                       write=ranks.is_main)
@@ -368,6 +371,18 @@ def _stage_metrics(d: Path, index: int, key: str, domains: list[tuple[str, DataS
     stored = {key: result}  # only the current evaluation settings are kept
     atomic_write_json(path, stored)
     return result
+
+
+def _evaluator(domains: list[tuple[str, DataSpec]], ecfg: EvalConfig, res: Resources, ui: UI,
+               teacher_key: str) -> Callable[[Any], dict]:
+    """``ctx.evaluate``: a PyTorch model scored as the runner scores a stage (every domain)."""
+    def evaluate(model) -> dict:
+        from .evaluation import evaluate_domains
+
+        streams = [(name, res.stream(spec, ecfg.max_tokens)) for name, spec in domains]
+        return evaluate_domains(model, streams, window=ecfg.window, max_tokens=ecfg.max_tokens,
+                                batch_size=ecfg.batch_size, teacher=res.teacher, teacher_key=teacher_key)
+    return evaluate
 
 
 def load_for_eval(folder: Path):

@@ -146,20 +146,20 @@ LINEAR_INPUTS = ("hidden_size", "attention_width", "intermediate_size")
 def source_dims(ref: SourceRef) -> dict[str, int]:
     """Input sizes of the decoder Linears the source declares, torch-free: ``hidden_size`` (q/k/v,
     gate/up), ``attention_width`` (o_proj: heads x head_dim) and ``intermediate_size`` (down_proj),
-    and ``kv_width`` (the output of k/v: key/value heads x head_dim); the ones it does not say are
-    left out. :data:`LINEAR_INPUTS` names the input sizes among them."""
+    ``kv_width`` (the output of k/v: key/value heads x head_dim), and ``num_layers``, ``num_heads``,
+    ``num_kv_heads``; the ones it does not say are left out. :data:`LINEAR_INPUTS` names the input sizes among them."""
     from .untrusted import read_json
 
     if ref.kind == "gguf":
         d = check_gguf_layout(ref.path).get("dims") or {}
         hidden, ffn = d.get("embedding_length"), d.get("feed_forward_length")
         heads, head_dim = d.get("attention.head_count"), d.get("attention.key_length")
-        kv_heads = d.get("attention.head_count_kv")
+        kv_heads, layers = d.get("attention.head_count_kv"), d.get("block_count")
     elif ref.kind in ("hf", "artifact") and (ref.path / "config.json").is_file():
         return config_dims(read_json(ref.path / "config.json"))
     else:
         return {}
-    return _dims(hidden, ffn, heads, head_dim, kv_heads)
+    return _dims(hidden, ffn, heads, head_dim, kv_heads, layers)
 
 
 def config_dims(c: dict[str, Any]) -> dict[str, int]:
@@ -167,10 +167,10 @@ def config_dims(c: dict[str, Any]) -> dict[str, int]:
     graph's width under :data:`~compress.formats.GRAPH_HIDDEN_KEY`)."""
     c = {**c, "hidden_size": c.get(GRAPH_HIDDEN_KEY, c.get("hidden_size"))}
     return _dims(*(c.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "head_dim",
-                                      "num_key_value_heads")))
+                                      "num_key_value_heads", "num_hidden_layers")))
 
 
-def _dims(hidden: Any, ffn: Any, heads: Any, head_dim: Any, kv_heads: Any) -> dict[str, int]:
+def _dims(hidden: Any, ffn: Any, heads: Any, head_dim: Any, kv_heads: Any, layers: Any = None) -> dict[str, int]:
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
     if ok(hidden) and ok(heads) and not ok(head_dim) and hidden % heads == 0:
         head_dim = hidden // heads
@@ -178,7 +178,8 @@ def _dims(hidden: Any, ffn: Any, heads: Any, head_dim: Any, kv_heads: Any) -> di
         kv_heads = heads
     out = {"hidden_size": hidden, "intermediate_size": ffn,
            "attention_width": heads * head_dim if ok(heads) and ok(head_dim) else None,
-           "kv_width": kv_heads * head_dim if ok(kv_heads) and ok(head_dim) else None}
+           "kv_width": kv_heads * head_dim if ok(kv_heads) and ok(head_dim) else None,
+           "num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads}
     return {k: v for k, v in out.items() if ok(v)}
 
 
@@ -304,7 +305,12 @@ def hf_weight_problems(folder: Path, config: dict) -> list[str]:
                 problems.append(f"tensor {name} is stored twice ({p.name})")
             held[name] = tuple(meta["shape"])
     arch = arch_for(config.get("model_type"), folder)
-    want = expected_tensors(config, arch.biases)
+    biases = tuple(arch.biases)
+    if config.get("attention_bias") and config.get("model_type") == "llama":  # LLaMA's flags: every projection
+        biases += ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    if config.get("mlp_bias") and config.get("model_type") == "llama":
+        biases += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    want = expected_tensors(config, biases)
     optional = {"lm_head.weight"}  # tied checkpoints may carry the head anyway
     missing = [t for t in want if t not in held]
     extra = [t for t in held if t not in want and t not in optional and not t.endswith(".rotary_emb.inv_freq")]

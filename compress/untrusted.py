@@ -184,7 +184,7 @@ _GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 GGUF_MAX_KV = 1 << 16
 _GGUF_DIMS = ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
-              "attention.key_length")
+              "attention.key_length", "block_count")
 GGUF_MAX_TENSORS = 1 << 20
 GGUF_MAX_DIMS = 4
 

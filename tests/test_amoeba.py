@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from compress.passes.amoeba.smol import SMoL
 from compress.passes.amoeba.subnet import Supernet
 from compress.arch import arch_of
 from compress.models import config_from_dict
+from conftest import killed_during_training, run_cli
 from tiny import make_model
 
 V = 96
@@ -211,3 +215,162 @@ def test_a_sparse_parent_stays_exactly_sparse_through_the_merge():
         assert w.shape == m.shape and bool((w[~m] == 0).all())
     with torch.no_grad():
         assert torch.allclose(small(input_ids=ids, use_cache=False).logits, want, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the passes, through the pipeline
+
+EDGE = str(Path(__file__).parent / "profiles" / "edge-tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory) -> Path:
+    from tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny4") / "model", num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def edge_run(tiny4, tmp_path_factory):
+    """The edge chain on the tiny model: pat -> sparse_ft -> amoeba -> pick -> quantize -> export."""
+    from compress import api
+    from tiny import CORPUS
+
+    text = tmp_path_factory.mktemp("text") / "corpus.txt"
+    text.write_text(CORPUS)
+    out = tmp_path_factory.mktemp("edge") / "run"
+    rep = api.run(api.plan(str(tiny4), EDGE, data=str(text), eval_data=str(text)), out, quiet=True)
+    return out, rep
+
+
+def _stage(rep, name):
+    return next(s for s in rep["stages"] if s["name"].endswith(name))
+
+
+def test_edge_chain_keeps_every_invariant_and_the_pick_matches_its_row(edge_run):
+    from compress.artifact import read_artifact
+    from compress.masks import read_masks
+
+    out, rep = edge_run
+    sup = read_artifact(out / "stages" / "03-amoeba")
+    rows = sup.manifest["metrics"]["subnets"]
+    assert [(r["depth"], r["width"]) for r in rows] == [(d, w) for d in (4, 3, 2) for w in (1.0, 0.75, 0.5)]
+    assert sum(r["latency_measured"] for r in rows) == 3
+    assert all(r["perplexity"] > 1 and r["ms_per_token"] > 0 and r["size_mb"] > 0 for r in rows)
+    assert sup.manifest["invariants"]["shape"]["hidden_size"] == 32  # PAT's width, through the supernet
+    pick = read_artifact(out / "stages" / "04-pick")
+    row = pick.manifest["metrics"]["pick"]["row"]
+    best = min(rows, key=lambda r: r["perplexity"])
+    assert (row["depth"], row["width"]) == (best["depth"], best["width"])  # the budget admits every point
+    assert row["latency_measured"]
+    # the runner's evaluation of the extracted subnet is its row (same text, same windows)
+    assert _stage(rep, "pick")["perplexity"] == pytest.approx(row["perplexity"], rel=1e-4)
+    inv = pick.manifest["invariants"]
+    assert inv["shape"]["hidden_size"] == 32 and inv["shape"]["num_layers"] == row["depth"]
+    assert inv["shape"]["intermediate_size"] == row["intermediate_size"]
+    masks = read_masks(out / "stages" / "04-pick")
+    assert len(masks) == 7 * row["depth"] and inv["sparsity"]["modules"] == len(masks)
+    # the parent's masks, sliced with the weights (the runner verified the zeros are exact after the merge)
+    from compress.models import load_model
+    from compress.passes.amoeba.flap import head_channels
+
+    parent_masks = read_masks(out / "stages" / "02-sparse_ft")
+    net = load_model(out / "stages" / "03-amoeba").supernet
+    for j, i in enumerate(row["layers"]):
+        heads, channels = net.kept(i, row["width_index"])
+        cols = head_channels(heads, 16)
+        old, new = f"model.layers.{i}.", f"model.layers.{j}."
+        assert torch.equal(masks[new + "self_attn.q_proj"], parent_masks[old + "self_attn.q_proj"][cols])
+        assert torch.equal(masks[new + "self_attn.o_proj"], parent_masks[old + "self_attn.o_proj"][:, cols])
+        assert torch.equal(masks[new + "mlp.down_proj"], parent_masks[old + "mlp.down_proj"][:, channels])
+        assert torch.equal(masks[new + "self_attn.k_proj"], parent_masks[old + "self_attn.k_proj"])
+    q = read_artifact(out / "stages" / "05-quantize")
+    assert q.manifest["invariants"]["sparsity"]["fraction"] == inv["sparsity"]["fraction"]
+    export = read_artifact(out / "stages" / "06-export_onnx")
+    assert export.manifest["metrics"]["export"]["validation"]["greedy_tokens"] == 16
+
+
+def test_subnets_list_and_pick_from_the_command_line(edge_run, tmp_path):
+    out, _ = edge_run
+    r = run_cli("subnets", "list", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    table = json.loads(r.stdout)
+    assert len(table["subnets"]) == 9 and table["latency_bits"] == "4"
+    text = run_cli("subnets", "list", str(out))
+    assert text.returncode == 0 and "| depth | width |" in text.stdout and "*" in text.stdout
+    measured = [s for s in table["subnets"] if s["latency_measured"]]
+    budget = 3 * max(s["ms_per_token"] for s in measured)
+    r = run_cli("subnets", "pick", str(out), "--max-ms-per-token", str(budget), "--out", str(tmp_path / "sub"),
+                "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["row"]["latency_measured"] and got["row"]["ms_per_token"] <= budget
+    feasible = [s for s in table["subnets"] if s["ms_per_token"] <= budget]
+    assert got["row"]["perplexity"] <= min(s["perplexity"] for s in feasible if s["latency_measured"]) + 1e-9
+    assert (tmp_path / "sub" / "config.json").is_file() and (tmp_path / "sub" / "masks.safetensors").is_file()
+    r = run_cli("subnets", "pick", str(out), "--max-ms-per-token", "1e-6", "--out", str(tmp_path / "none"), "--quiet")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "no subnet meets the budget" in r.stderr and "closest: depth" in r.stderr
+    assert not (tmp_path / "none").exists()
+    r = run_cli("subnets", "list", str(tmp_path))
+    assert r.returncode == 2 and "holds no supernet" in r.stderr
+
+
+def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path):
+    from compress.artifact import Artifact
+    from compress.context import PassContext
+    from compress.models import load_model
+    from compress.passes.amoeba.config import AmoebaConfig
+    from compress.passes.amoeba.run import amoeba
+    from safetensors.torch import load_file
+    from tiny import CORPUS, make_tokenizer
+
+    ids = make_tokenizer()(CORPUS)["input_ids"]
+    blocks = torch.tensor(ids[:16 * 32]).reshape(16, 32)
+    parent = Artifact(tiny4, {"id": "parent", "format": "hf", "invariants": {}})
+    teacher = load_model(tiny4)
+    cfg = AmoebaConfig.from_dict(dict(min_layers=2, widths=[1.0, 0.5], dp_sequences=8, dp_seq_len=16, flap_blocks=4,
+                                      lora_rank=4, steps=8, lr=1e-3, warmup_steps=1, batch_size=2,
+                                      checkpoint_every=2, heldout_blocks=2, latency_points=1, runs=1,
+                                      prompt_tokens=4, new_tokens=2, latency_group=32, bf16="off"))
+
+    def ctx(name):
+        (tmp_path / name).mkdir()
+        return PassContext(artifact_id=name, out_dir=tmp_path / name, work_dir=tmp_path / f"{name}-work",
+                           teacher_path=tiny4, load_teacher=lambda: teacher, training_blocks=lambda: blocks,
+                           progress=None, log=lambda m: None)
+    ref = amoeba(parent, cfg, ctx("ref"))
+    c = ctx("killed")
+    killed_during_training(lambda: amoeba(parent, cfg, c), step=5)
+    shutil.rmtree(c.out_dir)
+    c.out_dir.mkdir()
+    res = amoeba(parent, cfg, c)
+    a, b = ref.metrics["amoeba"], res.metrics["amoeba"]
+    assert b["train"]["resumed_from_step"] == 4 and b["train"]["history"] == a["train"]["history"]
+    assert b["sampled_subnets"][-3:] == a["sampled_subnets"][-3:]
+    x = load_file(tmp_path / "ref" / "supernet" / "adapters.safetensors")
+    y = load_file(tmp_path / "killed" / "supernet" / "adapters.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_bad_amoeba_and_pick_settings_are_refused_at_plan_time(tiny4, tmp_path):
+    for sets, message in [(["amoeba.widths=0.5,1.0"], "must start with 1.0"),
+                          (["amoeba.min_layers=9"], "exceeds the model's 4 layers"),
+                          (["amoeba.depths=4,1"], "outside min_layers"),
+                          (["pick.depth=3"], "give depth and width together"),
+                          (["amoeba.top_k=9"], "at most experts")]:
+        r = run_cli("model", str(tiny4), "--profile", EDGE, "--dry-run", *[a for s in sets for a in ("--set", s)])
+        assert r.returncode == 2, (sets, r.stderr)
+        assert message in r.stderr and r.stderr.count("\n") == 1, (sets, r.stderr)
+
+
+def test_squarehead_after_a_stage_that_changes_the_width_or_depth_is_refused_at_plan_time(tiny4, tmp_path):
+    r = run_cli("model", str(tiny4), "--profile", EDGE, "--dry-run", "--set", "sparse_ft.squarehead=1")
+    assert r.returncode == 2 and "sparse_ft.squarehead" in r.stderr and "hidden size 32" in r.stderr, r.stderr
+    prof = tmp_path / "p.yaml"
+    prof.write_text("passes:\n  - {name: amoeba, config: {min_layers: 2}}\n  - {name: pick, config: {max_ppl: 100}}\n"
+                    "  - {name: quantize, config: {squarehead: 1}}\n")
+    r = run_cli("model", str(tiny4), "--profile", str(prof), "--dry-run")
+    assert r.returncode == 2 and "quantize.squarehead" in r.stderr and "layer count known only when it runs" in r.stderr
+    r = run_cli("model", str(tiny4), "--profile", str(prof), "--dry-run", "--set", "pick.depth=4",
+                "--set", "pick.width=1")
+    assert r.returncode == 0, r.stderr  # the teacher's depth, asked for

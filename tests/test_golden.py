@@ -30,7 +30,7 @@ import torch
 
 from compress import api
 from compress.registry import get_pass
-from test_contract import BUILTIN
+from test_contract import BEFORE, BUILTIN, CONTRACT
 
 GOLDEN = Path(__file__).parent / "golden.json"
 UPDATE = os.environ.get("COMPRESS_UPDATE_GOLDEN") == "1"
@@ -101,12 +101,13 @@ def test_output_matches_the_golden_of_this_version(case, golden, tiny_dir, tiny_
     pinned = [f"{k}: 'off'" for k in ("block_ap_bf16",) if k in spec.config.__dataclass_fields__]
     train = ["train: {bf16: 'off'}"] if "train" in spec.config.sections() and name not in TINY else []
     cfg = "{" + ", ".join(train + pinned + ([extra] if extra else []) + ([TINY[name]] if name in TINY else [])) + "}"
+    before = "".join(f"{{name: {n}, config: {json.dumps(CONTRACT[n])}}}, " for n in BEFORE.get(name, []))
     prof.write_text("description: golden\ntarget: {name: cpu, threads: 1}\ndata: {seq_len: 64, mix: 0}\n"
                     "evaluation: {max_tokens: 256, window: 64, domains: [python-code]}\n"
-                    f"passes: [{{name: {name}, config: {cfg}}}]\n")
+                    f"passes: [{before}{{name: {name}, config: {cfg}}}]\n")
     rep = api.run(api.plan(str(tiny_dir), str(prof), data=str(tiny_text), eval_data=str(tiny_text)),
                   tmp_path / "run", quiet=True)
-    fp = {"version": spec.version, **fingerprint(tmp_path / "run" / rep["stages"][1]["path"])}
+    fp = {"version": spec.version, **fingerprint(tmp_path / "run" / rep["stages"][-1]["path"])}
     key = golden_key(case, cpu_class())
     old, rtol = golden.get(key), RTOL
     if old is None:  # no golden of this CPU class yet: another class's, at its noise

@@ -98,7 +98,7 @@ def _sparse_source(tiny_dir: Path, tmp_path: Path, fraction: float = 0.5) -> tup
 
 def test_format_registry_detects_counts_and_takes_new_formats(tiny_dir, tmp_path):
     assert detect_format(tiny_dir) == "hf" and detect_format(tmp_path) is None
-    assert [f.name for f in formats()][:3] == ["onnx", "quantized", "hf"]  # most specific marker first
+    assert [f.name for f in formats()][:4] == ["onnx", "supernet", "quantized", "hf"]  # most specific marker first
     assert get_format("hf").count(tiny_dir) == sum(p.numel() for p in
                                                    __import__("compress.models").models.load_model(tiny_dir)
                                                    .parameters())

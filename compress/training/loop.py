@@ -103,6 +103,16 @@ class LossInputs:
     need_hidden: bool
     autocast: Any
     _teacher_out: Any = None
+    _backward: Callable[[torch.Tensor], None] | None = None
+    partial_loss: float = 0.0  # the parts already back-propagated (backward_now)
+
+    def backward_now(self, loss: torch.Tensor) -> None:
+        """Back-propagate part of this micro-batch's loss now, freeing its graph (a loss of several
+        forwards: a supernet's subnets); the loop adds its value to the step's loss."""
+        if self._backward is None:
+            raise RuntimeError("backward_now: not inside the training loop")
+        self._backward(loss)
+        self.partial_loss += float(loss.detach())
 
     def teacher_outputs(self):
         if self._teacher_out is None:
@@ -257,10 +267,11 @@ def train(
                 sync = micro == settings.grad_accum - 1
                 ctx = accelerator.no_sync(student) if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
-                    loss, parts = loss_fn(LossInputs(student, unwrapped, teacher, ids, step, settings.loss,
-                                                     need_hidden, autocast))
+                    inp = LossInputs(student, unwrapped, teacher, ids, step, settings.loss, need_hidden, autocast,
+                                     _backward=lambda part: accelerator.backward(part / settings.grad_accum))
+                    loss, parts = loss_fn(inp)
                     accelerator.backward(loss / settings.grad_accum)
-                step_loss += float(loss.detach()) / settings.grad_accum
+                step_loss += (float(loss.detach()) + inp.partial_loss) / settings.grad_accum
                 for k, v in parts.items():
                     step_parts[k] = step_parts.get(k, 0.0) + v / settings.grad_accum
                 tokens += ids.numel() * world

@@ -112,6 +112,7 @@ class Supernet:
         saved_n = self.model.config.num_hidden_layers
         saved_idx = [getattr(layer.self_attn, "layer_idx", None) for layer in self.all_layers]
         saved_types = getattr(self.model.config, "layer_types", None)
+        saved_gates = self.smol.gates if self.smol is not None else None
         active = [self.all_layers[i] for i in sub.layers]
         try:
             self.inner.layers = nn.ModuleList(active) if len(active) < self.num_layers else self.all_layers
@@ -133,7 +134,14 @@ class Supernet:
                 layer.self_attn.layer_idx = idx
             self._width = 0
             if self.smol is not None:
-                self.smol.gates = None
+                self.smol.gates = saved_gates
+
+    def rest(self) -> None:
+        """Outside :meth:`use` the model runs as its full subnet (adapters routed without noise)."""
+        if self.smol is not None:
+            with torch.no_grad():
+                full = self.full()
+                self.smol.route(full.layers, full.width)
 
     def detach_hooks(self) -> None:
         for h in self._handles:

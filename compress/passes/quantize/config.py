@@ -106,10 +106,9 @@ class QuantizeConfig(Config):
     def group_for(self, k: int) -> int:
         """The group of a Linear with ``k`` inputs: ``group_size``, or the largest power of two >= 16
         below it that divides ``k`` (``group_size`` itself when none does: the last block is padded)."""
-        g = self.group_size
-        while g > 16 and k % g:
-            g //= 2
-        return g if k % g == 0 else self.group_size
+        from ...quantized import dividing_group
+
+        return dividing_group(self.group_size, k)
 
     def training_sequences(self) -> int:
         # calibration takes the first training sequences, recovery draws from all of them

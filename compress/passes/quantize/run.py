@@ -33,7 +33,7 @@ from ...errors import UserError
 from ...evaluation import heldout_kl, heldout_split
 from ...models import load_model
 from ...ops import quant as Q
-from ...quantized import LinearQuant, QuantLinear, quant_modules, replace_module, save_quantized, tie_quantized_head
+from ...quantized import LinearQuant, QuantLinear, quant_modules, quantize_tied_head_, replace_module, save_quantized
 from ...tokenizer import copy_tokenizer_files
 from ...training.loop import Hooks, LossWeights
 from .config import QuantizeConfig
@@ -285,18 +285,8 @@ def _quantize_embeddings(model, cfg: QuantizeConfig) -> None:
     head = model.get_output_embeddings()
     if not tied:
         raise UserError("embeddings: quantizing an untied embedding/head is not supported; use embeddings=keep")
-    d = head.in_features
-    cfg.check_dims({"hidden_size": d})
-    q = LinearQuant(int(cfg.embeddings), cfg.embed_group_size, cfg.embed_sym)
-    w = head.weight.detach().float()
-    s, z = Q.minmax_params(w, q.bits, q.group, q.sym)
-    lin = torch.nn.Linear(d, head.out_features, bias=False)
-    lin.weight = torch.nn.Parameter(w, requires_grad=False)
-    qm = QuantLinear.from_linear(lin, q, Q.quantize(w, s, z, q.bits, q.group), s, z)
-    qm.scale.requires_grad_(False)
-    qm.zero.requires_grad_(False)
-    model.set_output_embeddings(qm)
-    tie_quantized_head(model)
+    cfg.check_dims({"hidden_size": head.in_features})
+    quantize_tied_head_(model, LinearQuant(int(cfg.embeddings), cfg.embed_group_size, cfg.embed_sym))
 
 
 def bits_per_weight(model) -> dict[str, Any]:

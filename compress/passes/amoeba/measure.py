@@ -1,0 +1,149 @@
+"""The subnet table: accuracy of every grid point, latency and size measured at some and predicted
+at the rest from those (a least-squares fit in the subnet's parameters and depth).
+
+A point's latency is measured as users meet it: the subnet extracted, quantized round-to-nearest
+at the table's precision (the kernels' speed depends on the shapes, not on the values), exported
+to ONNX (MatMulNBits) and profiled on the target in a fresh worker process (median of the runs
+after a warm-up). Its size is that export's bytes on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+LATENCY_KEYS = ("ms_per_token", "ttft_ms", "decode_tokens_per_second", "peak_rss_mb", "size_mb")
+
+
+def subnet_parameters(config: dict, depth: int, heads: int, intermediate: int, *, bias: bool) -> int:
+    """Parameters of a LLaMA subnet of this shape (embedding counted once when tied)."""
+    d, v = config["hidden_size"], config["vocab_size"]
+    kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    hd = config.get("head_dim") or d // config["num_attention_heads"]
+    attn = d * heads * hd * 2 + d * kv * hd * 2
+    mlp = 3 * d * intermediate
+    per_layer = attn + mlp + 2 * d + ((heads * hd + 2 * kv * hd + d + 2 * intermediate + d) if bias else 0)
+    head = 0 if config.get("tie_word_embeddings") else v * d
+    return v * d + head + d + depth * per_layer
+
+
+def measurement_order(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Which (depth, width index) points to measure first: the four corners, then the rest spread
+    out (farthest from those already chosen, in normalized depth x width)."""
+    depths = sorted({p[0] for p in points})
+    widths = sorted({p[1] for p in points})
+    corners = [(depths[-1], widths[0]), (depths[0], widths[-1]), (depths[-1], widths[-1]), (depths[0], widths[0])]
+    order = [c for i, c in enumerate(corners) if c in points and c not in corners[:i]]
+    span_d, span_w = max(depths[-1] - depths[0], 1), max(widths[-1] - widths[0], 1)
+    rest = [p for p in points if p not in order]
+    while rest:
+        def gap(p):
+            return min(((p[0] - q[0]) / span_d) ** 2 + ((p[1] - q[1]) / span_w) ** 2 for q in order) if order else 0
+        best = max(rest, key=lambda p: (gap(p), p))
+        order.append(best)
+        rest.remove(best)
+    return order
+
+
+def predict(rows: list[dict], key: str) -> None:
+    """Fill ``key`` of the rows that lack it from the measured ones: least squares on
+    ``[1, parameters, depth]`` (``[1, parameters]`` with fewer than 4 measured points)."""
+    known = [r for r in rows if r.get(key) is not None]
+    if not known or len(known) == len(rows):
+        return
+    use_depth = len(known) >= 4 and len({r["depth"] for r in known}) > 1
+
+    def feats(r):
+        return [1.0, r["parameters"] / 1e6] + ([float(r["depth"])] if use_depth else [])
+    x = np.array([feats(r) for r in known])
+    y = np.array([r[key] for r in known], dtype=float)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    for r in rows:
+        if r.get(key) is None:
+            r[key] = float(np.dot(feats(r), coef))
+
+
+def export_for_latency(model, tokenizer_src: Path, out: Path, *, bits: str, group: int,
+                       log: Callable[[str], None] = lambda m: None) -> Path:
+    """``model`` (a dense subnet) as the ONNX export a device runs: saved, quantized
+    round-to-nearest at ``bits`` (or fp32), exported without validation (nothing here is a
+    deliverable: the folder is measured and deleted; a sparse model's masks are left out: the
+    kernels are dense)."""
+    from exporters.onnx.export import ExportOptions, export_model
+
+    from ...arch import arch_of
+    from ...models import save_model
+    from ...quantized import quantize_rtn_, save_quantized
+    from ...tokenizer import copy_tokenizer_files
+
+    src = out / "model"
+    src.mkdir(parents=True)
+    if bits == "fp32":
+        save_model(model, src)
+    else:
+        quantize_rtn_(model, arch_of(model).linear_names(model), int(bits), group)
+        save_quantized(model, src, {"bits": int(bits), "group_size": group, "sym": False, "init": "rtn",
+                                    "embeddings": "8", "recovery": "none"})
+    copy_tokenizer_files(tokenizer_src, src)
+    onnx = out / "onnx"
+    onnx.mkdir()
+    export_model(src, onnx, ExportOptions(validate=False), log=lambda m: None)
+    shutil.rmtree(src, ignore_errors=True)
+    return onnx
+
+
+def measure_latency(model, tokenizer_src: Path, target, *, bits: str, group: int, prompt_tokens: int,
+                    new_tokens: int, runs: int, label: str = "subnet",
+                    log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Latency and size of ``model`` exported at ``bits`` on ``target``: the table's columns."""
+    from ...formats import weight_bytes
+    from ...profiling.harness import ProfileSettings, profile_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="compress-subnet-"))
+    try:
+        onnx = export_for_latency(model, tokenizer_src, tmp, bits=bits, group=group, log=log)
+        row = profile_model(onnx, target, ProfileSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                                                          runs=runs, warmup=1), label=label, log=log)
+        size = weight_bytes(onnx)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"ms_per_token": row["token_latency_ms"]["p50"], "ttft_ms": row["ttft_ms"]["median"],
+            "decode_tokens_per_second": row["decode_tokens_per_second"]["median"],
+            "peak_rss_mb": row["peak_rss_bytes"] / 1e6 if row.get("peak_rss_bytes") else None,
+            "size_mb": size / 1e6, "profile": {k: row[k] for k in ("target", "device", "threads", "runtime")
+                                               if k in row}}
+
+
+def feasible(row: dict, budgets: dict[str, float], margin: float = 0.0) -> bool:
+    """Whether a table row meets every budget (``max_size_mb``, ``max_ms_per_token``, ``max_ttft_ms``,
+    ``max_ppl``); a predicted latency must meet it by ``margin``."""
+    checks = {"max_size_mb": "size_mb", "max_ms_per_token": "ms_per_token", "max_ttft_ms": "ttft_ms",
+              "max_ppl": "perplexity"}
+    for budget, key in checks.items():
+        if budget not in budgets:
+            continue
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        slack = margin if key in ("ms_per_token", "ttft_ms") and not row.get("latency_measured") else 0.0
+        if value > budgets[budget] * (1 - slack):
+            return False
+    return True
+
+
+def overshoot(row: dict, budgets: dict[str, float]) -> float:
+    """How far a row misses the budgets: the largest relative excess (0 when it meets them)."""
+    keys = {"max_size_mb": "size_mb", "max_ms_per_token": "ms_per_token", "max_ttft_ms": "ttft_ms",
+            "max_ppl": "perplexity"}
+    worst = 0.0
+    for budget, limit in budgets.items():
+        value = row.get(keys[budget])
+        if value is None:
+            return math.inf
+        worst = max(worst, value / limit - 1)
+    return worst
