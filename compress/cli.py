@@ -244,7 +244,7 @@ def subnets_list_cmd(
     if as_json:
         _emit_json(result)
         return
-    from .passes.amoeba.table import table_markdown
+    from .frontier import table_markdown
 
     bits = result["latency_bits"]
     target = result.get("target") or {}

@@ -44,6 +44,7 @@ def stage_record(out: Path, d: Path, index: int, metrics: dict, cached: bool) ->
         "changes_model": man.get("changes_model", True),
         "invariants": man.get("invariants") or {},
         "notes": list(man.get("notes") or []),
+        "subnets": pass_metrics.get("subnets"),  # a supernet's table (the report plots its frontier)
         "report": list(man.get("report") or []),
         "latency": man.get("latency"),
         "metrics": metrics,

@@ -80,6 +80,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for s in report["stages"]:
         if s.get("report"):  # each pass renders its own section
             lines += ["", f"## Stage `{s['name']}`", "", *s["report"]]
+        if s.get("subnets"):
+            lines += ["", f"![size / accuracy / latency frontier of the subnets]({frontier_file(s)})"]
     notes = [n for s in report["stages"] for n in s.get("notes", [])]
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
@@ -161,7 +163,19 @@ def summary_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def frontier_file(stage: dict) -> str:
+    return f"frontier-{stage['name']}.png"
+
+
 def write_report(out: Path, report: dict[str, Any]) -> None:
+    """``report.json``, ``report.md`` and, per supernet stage, its frontier plot (PNG)."""
+    for s in report["stages"]:
+        if s.get("subnets"):
+            from .artifact import atomic_output
+            from .frontier import frontier_png
+
+            with atomic_output(Path(out) / frontier_file(s)) as tmp:
+                frontier_png(s["subnets"], tmp, title=f"{report['model']}: subnets of {s['name']}")
     atomic_write_json(Path(out) / "report.json", report)
     atomic_write_text(Path(out) / "report.md", render_markdown(report))
 

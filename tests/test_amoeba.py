@@ -374,3 +374,21 @@ def test_squarehead_after_a_stage_that_changes_the_width_or_depth_is_refused_at_
     r = run_cli("model", str(tiny4), "--profile", str(prof), "--dry-run", "--set", "pick.depth=4",
                 "--set", "pick.width=1")
     assert r.returncode == 0, r.stderr  # the teacher's depth, asked for
+
+
+def test_the_report_shows_the_frontier_plot_and_the_pick_example_runs(edge_run, tmp_path):
+    import subprocess
+    import sys
+
+    out, rep = edge_run
+    png = out / "frontier-03-amoeba.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "![size / accuracy / latency frontier of the subnets](frontier-03-amoeba.png)" in (out / "report.md").read_text()
+    script = Path(__file__).resolve().parent.parent / "examples" / "pick_subnet.py"
+    p = subprocess.run([sys.executable, str(script), str(out), "--max-ppl", "1e9", "--out", str(tmp_path / "s")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "| depth | width |" in p.stdout and "picked depth" in p.stdout and "(measured)" in p.stdout
+    p = subprocess.run([sys.executable, str(script), str(out), "--max-size-mb", "1e-9"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and "closest: depth" in p.stderr

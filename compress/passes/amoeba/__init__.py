@@ -2,7 +2,7 @@
 usable, and the measured table of its subnets (format ``supernet``); ``pick``: the most accurate subnet
 within a budget, extracted as a plain dense model. The DP layer table is in :mod:`.dp`, FLAP widths in
 :mod:`.flap`, the mixture of LoRAs in :mod:`.smol`, running / extracting subnets in :mod:`.subnet`, the
-table in :mod:`.measure`, the artifact in :mod:`.store`, the passes in :mod:`.run` and :mod:`.pick`."""
+table in :mod:`.measure` (rendered by :mod:`compress.frontier`), the artifact in :mod:`.store`, the passes in :mod:`.run` and :mod:`.pick`."""
 
 from ...formats import Format, _count_safetensors, _safetensors_bytes, register_format
 from ...registry import register_pass

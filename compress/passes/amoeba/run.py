@@ -28,6 +28,7 @@ from ...artifact import Artifact, link_model_files
 from ...context import PassContext, PassResult
 from ...errors import UserError
 from ...evaluation import heldout_kl, heldout_split
+from ...frontier import table_markdown
 from ...models import load_model
 from ...ops import losses
 from ...target import load_target
@@ -39,7 +40,6 @@ from .measure import measure_latency, measurement_order, predict, subnet_paramet
 from .smol import SMoL
 from .store import save_supernet
 from .subnet import Subnet, Supernet
-from .table import table_markdown
 
 
 def dp_sequences(blocks: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
