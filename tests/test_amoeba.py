@@ -102,6 +102,27 @@ def test_the_loss_metric_starts_each_level_where_its_candidates_differ_and_equal
         dp_layer_selection(6, 0, metric)
 
 
+def test_the_loss_metric_on_every_nth_position_is_the_loss_on_those_positions():
+    model, blocks = _model(), _blocks()
+    metric = LossMetric(model, blocks, batch=3, stride=3)
+    metric.level(2)
+    removed = frozenset({3})
+    arch = arch_of(model)
+    layers = arch.decoder_layers(model)
+    inner = arch.inner(model)
+    inner.layers = torch.nn.ModuleList([layer for i, layer in enumerate(layers) if i not in removed])
+    model.config.num_hidden_layers = 5
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=blocks, use_cache=False).logits
+    finally:
+        inner.layers, model.config.num_hidden_layers = layers, 6
+    pos = torch.arange(blocks.shape[1] - 2, -1, -3).flip(0)
+    want = torch.nn.functional.cross_entropy(logits[:, pos].reshape(-1, V), blocks[:, pos + 1].reshape(-1))
+    assert metric.score(removed) == pytest.approx(float(want), rel=1e-5)
+    assert pos[-1] == blocks.shape[1] - 2 and pos[1] - pos[0] == 3
+
+
 def test_width_shapes_round_to_whole_heads_per_group_and_to_32_channels():
     assert width_shape(1.0, num_heads=9, num_kv_heads=3, intermediate=1536) .heads_per_group == 3
     s = width_shape(0.75, num_heads=9, num_kv_heads=3, intermediate=1536)

@@ -25,6 +25,8 @@ class AmoebaConfig(Config):
         (), "the table's depths (empty: 4 evenly spaced from the model's layers down to min_layers)")
     dp_sequences: int = help_field(256, "calibration sequences of the DP's loss metric (cut from the training blocks)")
     dp_seq_len: int = help_field(128, "tokens per DP calibration sequence")
+    dp_loss_stride: int = help_field(4, "the DP's loss on every N-th position of each sequence (the LM head is a "
+                                        "fifth of a forward; the layers still see every token)")
     flap_blocks: int = help_field(32, "training blocks FLAP's channel statistics are measured on")
     compensate: bool = help_field(True, "FLAP bias compensation: a dropped channel is replaced by its mean")
     experts: int = help_field(5, "LoRA experts per Linear (the authors' 5)")
@@ -67,7 +69,7 @@ class AmoebaConfig(Config):
             self._fail("widths", f"must be in decreasing order, got {list(self.widths)}")
         if any(d < 1 for d in self.depths):
             self._fail("depths", "must be positive layer counts")
-        for key in ("dp_sequences", "flap_blocks", "experts", "lora_rank", "router_hidden", "top_k", "runs",
+        for key in ("dp_sequences", "dp_loss_stride", "flap_blocks", "experts", "lora_rank", "router_hidden", "top_k", "runs",
                     "latency_points"):
             if getattr(self, key) < 1:
                 self._fail(key, "must be at least 1")
@@ -114,7 +116,11 @@ class AmoebaConfig(Config):
             self._fail("depths", f"{bad} outside min_layers .. layers ({lo} .. {n})")
 
     def training_sequences(self) -> int:
-        return self.heldout_blocks + self.train.steps * self.train.batch_size * self.train.grad_accum
+        """Blocks of training text: for the sandwich, FLAP's statistics and the DP's calibration
+        sequences (cut from blocks of the default 512 tokens), besides the held-out ones."""
+        dp = -(-self.dp_sequences * self.dp_seq_len // 512)
+        return self.heldout_blocks + max(self.train.steps * self.train.batch_size * self.train.grad_accum,
+                                         self.flap_blocks, dp)
 
 
 @dataclass(frozen=True, kw_only=True)

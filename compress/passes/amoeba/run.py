@@ -183,7 +183,10 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
         total = sum(min(n, L - lo) for n in range(1, L - cfg.keep_last + 1))
         bar = ctx.progress(total=total, desc="DP layer table", unit="subnet")
     try:
-        dp = dp_layer_selection(L, lo, LossMetric(student, calib, batch=16), keep_last=cfg.keep_last,
+        from ...hardware import resolve_bf16
+
+        metric = LossMetric(student, calib, batch=16, stride=cfg.dp_loss_stride, bf16=resolve_bf16(cfg.train.bf16)[0])
+        dp = dp_layer_selection(L, lo, metric, keep_last=cfg.keep_last,
                                 progress=(lambda i, n: bar.update(1)) if bar else None)
     finally:
         if bar:
