@@ -30,7 +30,7 @@ from .data import DataSpec, TrainingData, self_data_spec
 from .distributed import Ranks
 from .domains import resolve_domains
 from .errors import UserError
-from .formats import GRAPH_HIDDEN_KEY, MASKS_FILE, count_parameters, detect_format, format_of
+from .formats import MASKS_FILE, count_parameters, detect_format, format_of, graph_config
 from .plan import Plan, stage_id
 from .records import build_report, stage_record
 from .registry import PassSpec
@@ -317,9 +317,7 @@ def _shape_of(folder: Path) -> dict[str, Any] | None:
     from .arch import arch_for
     from .untrusted import read_json
 
-    config = read_json(path)
-    if GRAPH_HIDDEN_KEY in config:  # an ONNX export's config.json, written for its consumers
-        config["hidden_size"] = config[GRAPH_HIDDEN_KEY]
+    config = graph_config(read_json(path))  # an ONNX export's config.json is written for its consumers
     return arch_for(config.get("model_type"), folder).shape(config)
 
 

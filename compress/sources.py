@@ -15,7 +15,7 @@ from typing import Any
 
 from .arch import arch_for
 from .artifact import MANIFEST, hash_parts, read_artifact
-from .formats import GRAPH_HIDDEN_KEY, detect_format, read_safetensors_header, weight_files
+from .formats import detect_format, graph_config, read_safetensors_header, weight_files
 from .cache import cached_digest
 from .errors import UserError
 from .untrusted import check_gguf_layout, probe_chat_template, probe_folder_chat_template
@@ -165,7 +165,7 @@ def source_dims(ref: SourceRef) -> dict[str, int]:
 def config_dims(c: dict[str, Any]) -> dict[str, int]:
     """:func:`source_dims` of a Hugging Face ``config.json`` (a dict; an ONNX export's states its
     graph's width under :data:`~compress.formats.GRAPH_HIDDEN_KEY`)."""
-    c = {**c, "hidden_size": c.get(GRAPH_HIDDEN_KEY, c.get("hidden_size"))}
+    c = graph_config(c)
     return _dims(*(c.get(k) for k in ("hidden_size", "intermediate_size", "num_attention_heads", "head_dim",
                                       "num_key_value_heads", "num_hidden_layers")))
 
