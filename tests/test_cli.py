@@ -38,8 +38,10 @@ def test_help_lists_commands():
 
 def test_passes_and_profiles_json():
     passes = json.loads(run_cli("passes", "list", "--json").stdout)
-    assert "distill" in [p["name"] for p in passes]
-    assert passes[0]["config"]["train.steps"]["default"] == 100 and passes[0]["accepts"] == ["hf"]
+    distill = next(p for p in passes if p["name"] == "distill")
+    assert distill["config"]["train.steps"]["default"] == 100 and distill["accepts"] == ["hf"]
+    pick = next(p for p in passes if p["name"] == "pick")
+    assert pick["accepts"] == ["supernet"] and pick["produces"] == "hf"
     profiles = json.loads(run_cli("profiles", "list", "--json").stdout)
     assert "baseline" in [p["name"] for p in profiles]
     shown = json.loads(run_cli("profiles", "show", "baseline", "--json").stdout)
