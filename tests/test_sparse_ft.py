@@ -86,7 +86,8 @@ def test_plan_reads_the_input_sizes_of_the_embedded_gguf_without_torch():
     from compress.sources import resolve_source_ref, source_dims
 
     assert source_dims(resolve_source_ref(None)) == {"hidden_size": 576, "intermediate_size": 1536,
-                                                      "attention_width": 576, "kv_width": 192}
+                                                      "attention_width": 576, "kv_width": 192, "num_layers": 30,
+                                                      "num_heads": 9, "num_kv_heads": 3}
 
 
 # ---------------------------------------------------------------- the pass, in-process
