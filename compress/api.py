@@ -238,7 +238,7 @@ def subnets_pick(
     tgt = load_target(target) if target else TargetConfig.from_dict(table["target"] or {})
     tgt.preflight()
     ui = UI(quiet)
-    out = Path(out) if out is not None else Path(run) / "subnet"
+    out = Path(out) if out is not None else _run_folder(parent.path) / "subnet"
     sid = stage_id(parent.id, spec, cfg, target=tgt)
     if stage_is(out, sid):
         ui.log(f"{out} already holds this pick (id {sid}); nothing to do")
@@ -254,6 +254,12 @@ def subnets_pick(
                           target=tgt)
         execute_stage(spec, cfg, parent, ctx, teacher=teacher, extra={"source": str(parent.path)})
     return _pick_result(read_artifact(out), cached=False)
+
+
+def _run_folder(stage: Path) -> Path:
+    """The run folder a stage belongs to (``RUN/stages/NN-name`` -> ``RUN``), else the stage's parent:
+    never the artifact folder itself."""
+    return stage.parent.parent if stage.parent.name == "stages" else stage.parent
 
 
 def _pick_result(art: Artifact, cached: bool) -> dict[str, Any]:

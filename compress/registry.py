@@ -36,6 +36,7 @@ class PassSpec:
     produces: str | None  # output format; None: the input's (a pass that measures, or keeps the format)
     uses: tuple[str, ...] = ()  # "data" (training blocks), "teacher", "target", "eval": what its stage id depends on
     changes_model: bool = True  # False: the output computes exactly what the input does (not re-evaluated)
+    single_process: bool = False  # True: refuses a multi-process run (accelerate launch / torchrun) up front
 
     @property
     def version(self) -> str:
@@ -70,6 +71,7 @@ def register_pass(
     produces: str | None,
     uses: tuple[str, ...] = (),
     changes_model: bool = True,
+    single_process: bool = False,
 ) -> PassSpec:
     """Register a pass. ``algorithm`` starts at 1 and is bumped (with a line saying why) whenever
     the pass's output changes for the same config and input: stage ids include it, so a rerun
@@ -89,7 +91,8 @@ def register_pass(
         raise ValueError(f"pass {name!r}: unknown or missing formats {unknown}; known: {', '.join(_FORMATS)}")
     if set(uses) - set(USES):
         raise ValueError(f"pass {name!r}: uses must be among {USES}")
-    spec = PassSpec(name, config, entry, summary, algorithm, tuple(accepts), produces, tuple(uses), changes_model)
+    spec = PassSpec(name, config, entry, summary, algorithm, tuple(accepts), produces, tuple(uses), changes_model,
+                    single_process)
     _REGISTRY[name] = spec
     return spec
 

@@ -67,6 +67,10 @@ def run(p: Plan, out: str | Path, *, quiet: bool = False) -> dict[str, Any] | No
     """
     out = Path(out)
     ranks = Ranks.from_env()
+    single = [st.spec.name for st in p.pipeline.stages if st.spec.single_process]
+    if ranks.world > 1 and single:  # every rank refuses alike, before any joins the process group
+        raise UserError(f"pass {single[0]} runs in one process; run this profile without accelerate launch / "
+                        f"torchrun (it has {ranks.world} processes)")
     ranks.init()
     ui = UI(quiet or not ranks.is_main)
     started = time.perf_counter()

@@ -349,6 +349,10 @@ def test_subnets_list_and_pick_from_the_command_line(edge_run, tmp_path):
     assert not (tmp_path / "none").exists()
     r = run_cli("subnets", "list", str(tmp_path))
     assert r.returncode == 2 and "holds no supernet" in r.stderr
+    # given the stage itself and no --out: the subnet goes beside the stages, never into the artifact
+    r = run_cli("subnets", "pick", str(out / "stages" / "03-amoeba"), "--max-ppl", "1e9", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["out"] == str(out / "subnet") and (out / "subnet" / "config.json").is_file()
 
 
 def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path):
@@ -428,3 +432,10 @@ def test_the_report_shows_the_frontier_plot_and_the_pick_example_runs(edge_run, 
     p = subprocess.run([sys.executable, str(script), str(out), "--max-size-mb", "1e-9"], capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2 and "closest: depth" in p.stderr
+
+
+def test_a_multi_process_run_of_the_supernet_is_refused_up_front(tiny4, tmp_path):
+    r = run_cli("model", str(tiny4), "--profile", EDGE, "--out", str(tmp_path / "run"),
+                env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "pass amoeba runs in one process" in r.stderr and not (tmp_path / "run").exists()

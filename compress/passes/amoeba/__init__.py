@@ -33,6 +33,7 @@ register_pass(
     accepts=("hf",),
     produces="supernet",
     uses=("data", "teacher", "target", "eval"),
+    single_process=True,  # the sandwich: four forwards and backwards per optimizer step, which DDP does not take
 )
 
 register_pass(

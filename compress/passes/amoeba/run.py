@@ -157,11 +157,6 @@ def build_table(net: Supernet, subs: list[Subnet], cfg: AmoebaConfig, ctx: PassC
 
 def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
     t_start = time.perf_counter()
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("amoeba: sandwich training runs in one process (several forwards share one backward "
-                        "step, which DDP does not take); run this stage without accelerate launch / torchrun")
     student = load_model(parent.path)
     arch = arch_of(student)
     if arch.name != "llama":
