@@ -353,6 +353,13 @@ def test_subnets_list_and_pick_from_the_command_line(edge_run, tmp_path):
     r = run_cli("subnets", "pick", str(out / "stages" / "03-amoeba"), "--max-ppl", "1e9", "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["out"] == str(out / "subnet") and (out / "subnet" / "config.json").is_file()
+    assert json.loads(r.stdout)["measured"] == []  # the table's own target: its measurement stands
+    # another target than the table's: the pick is measured there before it is taken
+    r = run_cli("subnets", "pick", str(out), "--max-ppl", "1e9", "--target", "cpu:2", "--out", str(tmp_path / "t2"),
+                "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert len(got["measured"]) == 1 and got["measured"][0]["profile"]["threads"] == 2
 
 
 def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path):
