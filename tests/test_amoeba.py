@@ -74,6 +74,35 @@ def test_dp_equals_brute_force_on_an_additive_metric(seed):
     assert DPResult.from_json(res.to_json()).removed == res.removed
 
 
+class Dies(Additive):
+    """Additive, killed at its ``at``-th evaluation."""
+
+    def __init__(self, costs, at):
+        super().__init__(costs)
+        self.at = at
+
+    def score(self, removed):
+        if self.calls + 1 == self.at:
+            raise KeyboardInterrupt
+        return super().score(removed)
+
+
+def test_a_killed_dp_resumes_at_its_next_level_and_ends_as_an_uninterrupted_one(tmp_path):
+    costs = torch.rand(9, generator=torch.Generator().manual_seed(4)).tolist()
+    ref = dp_layer_selection(9, 4, Additive(costs), keep_last=1)
+    state = tmp_path / "dp.json"
+    with pytest.raises(KeyboardInterrupt):
+        dp_layer_selection(9, 4, Dies(costs, 17), keep_last=1, state=state, fingerprint="a")
+    done = json.loads(state.read_text())["evaluations"]
+    again = Additive(costs)
+    res = dp_layer_selection(9, 4, again, keep_last=1, state=state, fingerprint="a")
+    assert res.removed == ref.removed and res.scores == ref.scores and res.evaluations == ref.evaluations
+    assert 1 < done < 17 and again.calls == ref.evaluations - done  # only the levels not yet finished
+    other = Additive(costs)
+    dp_layer_selection(9, 4, other, keep_last=1, state=state, fingerprint="b")  # another run's state: ignored
+    assert other.calls == ref.evaluations
+
+
 def _bypassed_loss(model, blocks, removed):
     """The loss of ``model`` with ``removed`` layers bypassed, computed from scratch."""
     arch = arch_of(model)

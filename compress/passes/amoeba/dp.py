@@ -19,8 +19,10 @@ candidate's forward at layer ``N - n``.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -65,19 +67,26 @@ class DPResult:
 
 
 def dp_layer_selection(num_layers: int, min_layers: int, metric: Metric, *, keep_last: int = 1,
-                       progress: Callable[[int, int], None] | None = None) -> DPResult:
-    """The removal set per count ``m = 1 .. num_layers - min_layers`` (see the module docstring)."""
+                       progress: Callable[[int, int], None] | None = None,
+                       state: Path | None = None, fingerprint: str = "") -> DPResult:
+    """The removal set per count ``m = 1 .. num_layers - min_layers`` (see the module docstring).
+    ``state``: a file the finished levels are kept in, so a killed run resumes at the next level
+    (one with another ``fingerprint`` is ignored)."""
     n_cand = num_layers - keep_last
     m_max = num_layers - min_layers
     if not 1 <= min_layers <= num_layers or keep_last < 0 or m_max > n_cand:
         raise ValueError(f"min_layers {min_layers} / keep_last {keep_last} do not fit {num_layers} layers")
-    metric.level(n_cand)
-    full = metric.score(frozenset())
-    # prev[m]: (score, removed set) after the levels so far; m = 0 is the full model
-    prev: dict[int, tuple[float, frozenset[int]]] = {0: (full, frozenset())}
-    evaluations, trace = 1, []
     total = sum(min(n, m_max) for n in range(1, n_cand + 1))
-    for n in range(1, n_cand + 1):
+    saved = _load_state(state, fingerprint)
+    if saved is not None:
+        start, prev, evaluations, trace = saved
+    else:
+        metric.level(n_cand)
+        full = metric.score(frozenset())
+        # prev[m]: (score, removed set) after the levels so far; m = 0 is the full model
+        prev = {0: (full, frozenset())}
+        start, evaluations, trace = 1, 1, []
+    for n in range(start, n_cand + 1):
         layer = n_cand - n
         metric.level(layer)
         cur = {0: prev[0]}
@@ -92,8 +101,31 @@ def dp_layer_selection(num_layers: int, min_layers: int, metric: Metric, *, keep
             if progress:
                 progress(evaluations - 1, total)
         prev = cur
+        if state is not None:
+            _save_state(state, fingerprint, n + 1, prev, evaluations, trace)
     return DPResult(num_layers, min_layers, keep_last, {m: tuple(sorted(prev[m][1])) for m in range(1, m_max + 1)},
                     {m: prev[m][0] for m in range(0, m_max + 1)}, evaluations, trace)
+
+
+def _save_state(path: Path, fingerprint: str, level: int, prev: dict, evaluations: int, trace: list) -> None:
+    from ...artifact import atomic_write_json
+
+    atomic_write_json(path, {"fingerprint": fingerprint, "level": level, "evaluations": evaluations,
+                             "prev": {str(m): [v[0], sorted(v[1])] for m, v in prev.items()},
+                             "trace": [list(t) for t in trace]})
+
+
+def _load_state(path: Path | None, fingerprint: str):
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        d = json.loads(Path(path).read_text())
+        if d.get("fingerprint") != fingerprint:
+            return None
+        prev = {int(m): (float(v[0]), frozenset(int(i) for i in v[1])) for m, v in d["prev"].items()}
+        return int(d["level"]), prev, int(d["evaluations"]), [tuple(t) for t in d["trace"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # a damaged state file: start over
 
 
 class LossMetric:

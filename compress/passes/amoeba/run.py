@@ -182,7 +182,8 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
 
         metric = LossMetric(student, calib, batch=16, stride=cfg.dp_loss_stride, bf16=resolve_bf16(cfg.train.bf16)[0])
         dp = dp_layer_selection(L, lo, metric, keep_last=cfg.keep_last,
-                                progress=(lambda i, n: bar.update(1)) if bar else None)
+                                progress=(lambda i, n: bar.update(1)) if bar else None,
+                                state=ctx.work_dir / "dp_state.json", fingerprint=ctx.artifact_id)
     finally:
         if bar:
             bar.close()
