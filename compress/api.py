@@ -206,11 +206,14 @@ def supernet_stage(run: str | Path) -> Artifact:
 
 
 def subnets_list(run: str | Path) -> dict[str, Any]:
-    """The subnet table of a run's supernet (torch-free: read from its ``supernet.json``)."""
-    from .untrusted import read_json
+    """The subnet table of a run's supernet (torch-free: read from its manifest and ``supernet.json``)."""
+    return _subnet_table(run, supernet_stage(run))
 
-    art = supernet_stage(run)
-    meta = read_json(art.path / "supernet.json")
+
+def _subnet_table(run: str | Path, art: Artifact) -> dict[str, Any]:
+    from .passes.amoeba.store import read_meta
+
+    meta = read_meta(art.path)
     metrics = art.manifest.get("metrics") or {}
     keep = ("latency_bits", "latency_group", "prompt_tokens", "new_tokens", "runs", "min_layers")
     return {"run": str(run), "stage": str(art.path), "id": art.id, **{k: meta.get(k) for k in keep},
@@ -234,7 +237,7 @@ def subnets_pick(
                                     max_ttft_ms=max_ttft_ms, max_ppl=max_ppl, depth=depth, width=width,
                                     margin=margin))
     parent = supernet_stage(run)
-    table = subnets_list(run)
+    table = _subnet_table(run, parent)
     tgt = load_target(target) if target else TargetConfig.from_dict(table["target"] or {})
     tgt.preflight()
     ui = UI(quiet)

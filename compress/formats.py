@@ -28,6 +28,8 @@ ONNX_CONFIG = "genai_config.json"  # marks an ONNX export folder (its onnxruntim
 #: In an ONNX export's config.json: the graph's residual width where ``hidden_size`` there was
 #: written as heads x head_dim for the consumers that size a KV cache from it (a pruned width)
 GRAPH_HIDDEN_KEY = "compress_graph_hidden_size"
+
+
 def graph_config(config: dict) -> dict:
     """A ``config.json`` (dict) with ``hidden_size`` the graph's own width (:data:`GRAPH_HIDDEN_KEY`
     where an ONNX export states it; the rest unchanged)."""

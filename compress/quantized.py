@@ -256,19 +256,17 @@ def quantize_tied_head_(model: nn.Module, q: LinearQuant) -> None:
 
 @torch.no_grad()
 def quantize_rtn_(model: nn.Module, linear_names: list[str], bits: int, group: int, *, embed_bits: int | None = 8,
-                  embed_group: int = 64, masks: dict[str, torch.Tensor] | None = None) -> None:
+                  embed_group: int = 64) -> None:
     """Round-to-nearest (min-max, asymmetric) group-wise quantization of ``linear_names`` and, where
     tied, the embedding / head (``embed_bits``; None keeps it): the shapes and the format the
     quantize pass writes, at its cheapest initialization. What a latency measurement needs: the
     kernels' speed depends on the shapes, not on the values."""
-    masks = masks or {}
     for name in linear_names:
         lin = model.get_submodule(name)
         q = LinearQuant(bits, dividing_group(group, lin.in_features), False)
         w = lin.weight.detach().float()
         s, z = Q.minmax_params(w, bits, q.group, q.sym)
-        replace_module(model, name, QuantLinear.from_linear(lin, q, Q.quantize(w, s, z, bits, q.group), s, z,
-                                                            masks.get(name)))
+        replace_module(model, name, QuantLinear.from_linear(lin, q, Q.quantize(w, s, z, bits, q.group), s, z))
     if embed_bits is not None and getattr(model.config, "tie_word_embeddings", False):
         d = model.get_output_embeddings().in_features
         quantize_tied_head_(model, LinearQuant(embed_bits, dividing_group(embed_group, d), True))

@@ -4,23 +4,15 @@ within a budget, extracted as a plain dense model. The DP layer table is in :mod
 :mod:`.flap`, the mixture of LoRAs in :mod:`.smol`, running / extracting subnets in :mod:`.subnet`, the
 table in :mod:`.measure` (rendered by :mod:`compress.frontier`), the artifact in :mod:`.store`, the passes in :mod:`.run` and :mod:`.pick`."""
 
-from ...formats import Format, _count_safetensors, _safetensors_bytes, register_format
+from ...formats import Format, _count_safetensors, register_format
 from ...registry import register_pass
 from .config import AmoebaConfig, PickConfig
-
-SUPERNET_CONFIG, ADAPTERS = "supernet.json", "supernet/adapters.safetensors"  # as .store writes them (torch-free here)
-
-
-def _bytes(p) -> int:
-    extra = p / ADAPTERS
-    return _safetensors_bytes(p) + (extra.stat().st_size if extra.is_file() else 0)
-
+from .store import is_supernet, supernet_bytes  # torch-free
 
 SUPERNET = register_format(Format(
     "supernet", "AmoebaLLM supernet (base model + LoRA experts + router + DP table + width orders + subnet table)",
-    detect=lambda p: (p / SUPERNET_CONFIG).is_file() and (p / "config.json").is_file(),
-    loader="compress.passes.amoeba.store:load_supernet", count=_count_safetensors, weight_bytes=_bytes,
-    priority=15))
+    detect=is_supernet, loader="compress.passes.amoeba.store:load_supernet", count=_count_safetensors,
+    weight_bytes=supernet_bytes, priority=15))
 
 register_pass(
     "amoeba",

@@ -66,6 +66,11 @@ class DPResult:
                    {int(m): float(v) for m, v in d["scores"].items()}, int(d["evaluations"]))
 
 
+def dp_evaluations(num_layers: int, min_layers: int, keep_last: int = 1) -> int:
+    """Candidate evaluations the DP makes (besides the full model's)."""
+    return sum(min(n, num_layers - min_layers) for n in range(1, num_layers - keep_last + 1))
+
+
 def dp_layer_selection(num_layers: int, min_layers: int, metric: Metric, *, keep_last: int = 1,
                        progress: Callable[[int, int], None] | None = None,
                        state: Path | None = None, fingerprint: str = "") -> DPResult:
@@ -76,7 +81,7 @@ def dp_layer_selection(num_layers: int, min_layers: int, metric: Metric, *, keep
     m_max = num_layers - min_layers
     if not 1 <= min_layers <= num_layers or keep_last < 0 or m_max > n_cand:
         raise ValueError(f"min_layers {min_layers} / keep_last {keep_last} do not fit {num_layers} layers")
-    total = sum(min(n, m_max) for n in range(1, n_cand + 1))
+    total = dp_evaluations(num_layers, min_layers, keep_last)
     saved = _load_state(state, fingerprint)
     if saved is not None:
         start, prev, evaluations, trace = saved

@@ -18,6 +18,9 @@ from typing import Any, Callable
 import numpy as np
 
 LATENCY_KEYS = ("ms_per_token", "ttft_ms", "decode_tokens_per_second", "peak_rss_mb", "size_mb")
+#: each budget (``PickConfig.budgets``) -> the table column it bounds
+BUDGET_KEYS = {"max_size_mb": "size_mb", "max_ms_per_token": "ms_per_token", "max_ttft_ms": "ttft_ms",
+               "max_ppl": "perplexity"}
 
 
 def subnet_parameters(config: dict, depth: int, heads: int, intermediate: int, *, bias: bool) -> int:
@@ -68,8 +71,7 @@ def predict(rows: list[dict], key: str) -> None:
             r[key] = float(np.dot(feats(r), coef))
 
 
-def export_for_latency(model, tokenizer_src: Path, out: Path, *, bits: str, group: int,
-                       log: Callable[[str], None] = lambda m: None) -> Path:
+def export_for_latency(model, tokenizer_src: Path, out: Path, *, bits: str, group: int) -> Path:
     """``model`` (a dense subnet) as the ONNX export a device runs: saved, quantized
     round-to-nearest at ``bits`` (or fp32), exported without validation (nothing here is a
     deliverable: the folder is measured and deleted; a sparse model's masks are left out: the
@@ -92,7 +94,7 @@ def export_for_latency(model, tokenizer_src: Path, out: Path, *, bits: str, grou
     copy_tokenizer_files(tokenizer_src, src)
     onnx = out / "onnx"
     onnx.mkdir()
-    export_model(src, onnx, ExportOptions(validate=False), log=lambda m: None)
+    export_model(src, onnx, ExportOptions(validate=False))
     shutil.rmtree(src, ignore_errors=True)
     return onnx
 
@@ -106,7 +108,7 @@ def measure_latency(model, tokenizer_src: Path, target, *, bits: str, group: int
 
     tmp = Path(tempfile.mkdtemp(prefix="compress-subnet-"))
     try:
-        onnx = export_for_latency(model, tokenizer_src, tmp, bits=bits, group=group, log=log)
+        onnx = export_for_latency(model, tokenizer_src, tmp, bits=bits, group=group)
         row = profile_model(onnx, target, ProfileSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                                                           runs=runs, warmup=1), label=label, log=log)
         size = weight_bytes(onnx)
@@ -122,27 +124,22 @@ def measure_latency(model, tokenizer_src: Path, target, *, bits: str, group: int
 def feasible(row: dict, budgets: dict[str, float], margin: float = 0.0) -> bool:
     """Whether a table row meets every budget (``max_size_mb``, ``max_ms_per_token``, ``max_ttft_ms``,
     ``max_ppl``); a predicted latency must meet it by ``margin``."""
-    checks = {"max_size_mb": "size_mb", "max_ms_per_token": "ms_per_token", "max_ttft_ms": "ttft_ms",
-              "max_ppl": "perplexity"}
-    for budget, key in checks.items():
-        if budget not in budgets:
-            continue
+    for budget, limit in budgets.items():
+        key = BUDGET_KEYS[budget]
         value = row.get(key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return False
         slack = margin if key in ("ms_per_token", "ttft_ms") and not row.get("latency_measured") else 0.0
-        if value > budgets[budget] * (1 - slack):
+        if value > limit * (1 - slack):
             return False
     return True
 
 
 def overshoot(row: dict, budgets: dict[str, float]) -> float:
     """How far a row misses the budgets: the largest relative excess (0 when it meets them)."""
-    keys = {"max_size_mb": "size_mb", "max_ms_per_token": "ms_per_token", "max_ttft_ms": "ttft_ms",
-            "max_ppl": "perplexity"}
     worst = 0.0
     for budget, limit in budgets.items():
-        value = row.get(keys[budget])
+        value = row.get(BUDGET_KEYS[budget])
         if value is None:
             return math.inf
         worst = max(worst, value / limit - 1)

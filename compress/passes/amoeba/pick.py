@@ -21,17 +21,15 @@ from ...models import load_model, save_model
 from ...target import load_target
 from ...tokenizer import copy_tokenizer_files
 from .config import PickConfig
-from .measure import feasible, measure_latency, overshoot
+from .measure import BUDGET_KEYS, feasible, measure_latency, overshoot
 
 BUDGET_NAMES = {"max_size_mb": "size {:.1f} MB", "max_ms_per_token": "{:.2f} ms/token", "max_ttft_ms": "TTFT {:.1f} ms",
                 "max_ppl": "perplexity {:.3f}"}
-ROW_KEYS = {"max_size_mb": "size_mb", "max_ms_per_token": "ms_per_token", "max_ttft_ms": "ttft_ms",
-            "max_ppl": "perplexity"}
 
 
 def describe(row: dict, budgets: dict[str, float] | None = None) -> str:
     keys = budgets or BUDGET_NAMES
-    vals = [BUDGET_NAMES[k].format(row[ROW_KEYS[k]]) for k in keys if row.get(ROW_KEYS[k]) is not None]
+    vals = [BUDGET_NAMES[k].format(row[BUDGET_KEYS[k]]) for k in keys if row.get(BUDGET_KEYS[k]) is not None]
     return f"depth {row['depth']} width {row['width']} ({', '.join(vals)})"
 
 

@@ -34,9 +34,9 @@ from ...ops import losses
 from ...target import load_target
 from ...training.loop import Hooks, LossWeights
 from .config import AmoebaConfig
-from .dp import LossMetric, dp_layer_selection
+from .dp import LossMetric, dp_evaluations, dp_layer_selection
 from .flap import flap_widths, width_shape
-from .measure import measure_latency, measurement_order, predict, subnet_parameters
+from .measure import LATENCY_KEYS, measure_latency, measurement_order, predict, subnet_parameters
 from .smol import SMoL
 from .store import save_supernet
 from .subnet import Subnet, Supernet
@@ -107,7 +107,7 @@ def sandwich_hooks(net: Supernet, cfg: AmoebaConfig, lo: int, record: dict[str, 
     return Hooks(loss=loss, unused_parameters=True)
 
 
-def grid(net: Supernet, cfg: AmoebaConfig, lo: int) -> list[Subnet]:
+def grid(net: Supernet, cfg: AmoebaConfig) -> list[Subnet]:
     return [net.subnet(d, w) for d in cfg.table_depths(net.num_layers) for w in range(len(net.widths))]
 
 
@@ -118,7 +118,7 @@ def build_table(net: Supernet, subs: list[Subnet], cfg: AmoebaConfig, ctx: PassC
     for sub in subs:
         w = net.widths[sub.width]
         heads = w.heads_per_group * net.kv
-        bias = cfg.compensate and not net.is_full_width(sub.width)
+        bias = net.biased(sub.width)
         rows.append({"depth": sub.depth, "width": w.fraction, "width_index": sub.width, "layers": list(sub.layers),
                      "num_heads": heads, "intermediate_size": w.intermediate,
                      "parameters": subnet_parameters(config, sub.depth, heads, w.intermediate, bias=bias)})
@@ -148,7 +148,7 @@ def build_table(net: Supernet, subs: list[Subnet], cfg: AmoebaConfig, ctx: PassC
                                    label=f"d{sub.depth}-w{row['width']}", log=ctx.log))
         row["latency_measured"] = True
         del small
-    for key in ("ms_per_token", "ttft_ms", "decode_tokens_per_second", "peak_rss_mb", "size_mb"):
+    for key in LATENCY_KEYS:
         predict(rows, key)
     for r in rows:
         r.setdefault("latency_measured", False)
@@ -175,8 +175,7 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
     calib = dp_sequences(train_blocks, cfg.dp_seq_len, cfg.dp_sequences)
     bar = None
     if ctx.progress:
-        total = sum(min(n, L - lo) for n in range(1, L - cfg.keep_last + 1))
-        bar = ctx.progress(total=total, desc="DP layer table", unit="subnet")
+        bar = ctx.progress(total=dp_evaluations(L, lo, cfg.keep_last), desc="DP layer table", unit="subnet")
     try:
         from ...hardware import resolve_bf16
 
@@ -234,7 +233,7 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
 
     # 5. the table
     target = ctx.target or load_target("cpu")
-    rows = build_table(net, grid(net, cfg, lo), cfg, ctx, parent.path, masks, target)
+    rows = build_table(net, grid(net, cfg), cfg, ctx, parent.path, masks, target)
     summary["seconds"] = time.perf_counter() - t_start
 
     # the artifact: the parent's model files (the frozen base) + the supernet's own

@@ -14,8 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 SUPERNET_CONFIG = "supernet.json"
 SUPERNET_DIR = "supernet"
 ADAPTERS = "adapters.safetensors"
@@ -24,7 +22,16 @@ FORMAT_VERSION = 1
 
 
 def is_supernet(path: Path) -> bool:
+    """The format's marker (torch-free: the format registry detects with it)."""
     return (Path(path) / SUPERNET_CONFIG).is_file() and (Path(path) / "config.json").is_file()
+
+
+def supernet_bytes(path: Path) -> int:
+    """Weight bytes: the base model's safetensors and the adapters'."""
+    from ...formats import _safetensors_bytes
+
+    extra = Path(path) / SUPERNET_DIR / ADAPTERS
+    return _safetensors_bytes(path) + (extra.stat().st_size if extra.is_file() else 0)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -41,6 +48,7 @@ def save_supernet(net, folder: Path, *, extra: dict | None = None) -> None:
     """``supernet.json`` and the adapters beside the base model files already in ``folder``. The
     subnet table is a measurement: it lives in the stage's manifest (``metrics.subnets``), and the
     files stay a pure function of the inputs."""
+    import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -64,9 +72,13 @@ def save_supernet(net, folder: Path, *, extra: dict | None = None) -> None:
     (folder / SUPERNET_CONFIG).write_text(json.dumps(meta, indent=2))
 
 
-def load_supernet(path: Path, *, dtype: torch.dtype = torch.float32, **_: Any):
-    """The base model with its adapters hooked in, running as the full subnet; ``model.supernet``."""
+def load_supernet(path: Path, *, dtype=None, **_: Any):
+    """The base model with its adapters hooked in, running as the full subnet; ``model.supernet``
+    (``dtype``: the base model's, float32 by default)."""
+    import torch
     from safetensors.torch import load_file
+
+    dtype = dtype or torch.float32
 
     from ...formats import read_safetensors_header
     from ...models import load_hf_model

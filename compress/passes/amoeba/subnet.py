@@ -83,6 +83,10 @@ class Supernet:
         w = self.widths[width]
         return w.heads_per_group * self.kv == self.heads and w.intermediate == self.intermediate
 
+    def biased(self, width: int) -> bool:
+        """Whether a subnet of this width carries the compensation biases (LLaMA's attention / MLP bias)."""
+        return self.compensate and not self.is_full_width(width)
+
     # ---- running as a subnet
     def _fill(self, layer: int, width: int, rel: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer, width, rel)
@@ -156,8 +160,7 @@ class Supernet:
         from ``masks``, the parent's)."""
         masks = masks or {}
         w = self.widths[sub.width]
-        narrowed = not self.is_full_width(sub.width)
-        bias = narrowed and self.compensate
+        bias = self.biased(sub.width)
         cfg = self.model.config.to_dict()
         cfg.update(num_hidden_layers=sub.depth, num_attention_heads=w.heads_per_group * self.kv,
                    intermediate_size=w.intermediate, head_dim=self.head_dim, use_cache=True)
@@ -202,11 +205,8 @@ class Supernet:
                 elif mod in rows:
                     t = t[rows[mod]]
                     mask = mask[rows[mod]] if mask is not None else None
-                    if kind == "bias":
-                        state[new + rel] = t
-                        continue
-                elif kind == "bias" and mod in cols:
-                    continue  # folded with the compensation above (or kept below when not narrowed)
+                elif kind == "bias" and mod in cols and bias:
+                    continue  # folded into the compensation bias above
                 state[new + rel] = t
                 if mask is not None:
                     new_masks[new + mod] = mask.clone()
@@ -216,10 +216,6 @@ class Supernet:
                                ("self_attn.v_proj", self.kv * self.head_dim),
                                ("mlp.gate_proj", w.intermediate), ("mlp.up_proj", w.intermediate)):
                     state.setdefault(f"{new}{rel}.bias", torch.zeros(n, dtype=state[f"{new}{rel}.weight"].dtype))
-            else:
-                for mod in cols:
-                    if old + mod + ".bias" in src:
-                        state[new + mod + ".bias"] = src[old + mod + ".bias"].clone()
         with torch.device("meta"):
             model = type(self.model)(config)
         model.load_state_dict(state, strict=False, assign=True)
