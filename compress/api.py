@@ -215,7 +215,7 @@ def _subnet_table(run: str | Path, art: Artifact) -> dict[str, Any]:
 
     meta = read_meta(art.path)
     metrics = art.manifest.get("metrics") or {}
-    keep = ("latency_bits", "latency_group", "prompt_tokens", "new_tokens", "runs", "min_layers")
+    keep = ("latency_bits", "latency_group", "prompt_tokens", "new_tokens", "runs", "rounds", "min_layers")
     return {"run": str(run), "stage": str(art.path), "id": art.id, **{k: meta.get(k) for k in keep},
             "target": metrics.get("subnets_target"), "subnets": metrics.get("subnets") or []}
 

@@ -406,7 +406,7 @@ def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path):
     teacher = load_model(tiny4)
     cfg = AmoebaConfig.from_dict(dict(min_layers=2, widths=[1.0, 0.5], dp_sequences=8, dp_seq_len=16, flap_blocks=4,
                                       lora_rank=4, steps=8, lr=1e-3, warmup_steps=1, batch_size=2,
-                                      checkpoint_every=2, heldout_blocks=2, latency_points=1, runs=1,
+                                      checkpoint_every=2, heldout_blocks=2, latency_points=1, runs=1, latency_rounds=1,
                                       prompt_tokens=4, new_tokens=2, latency_group=32, bf16="off"))
 
     def ctx(name):
@@ -475,3 +475,39 @@ def test_a_multi_process_run_of_the_supernet_is_refused_up_front(tiny4, tmp_path
                 env={"WORLD_SIZE": "2", "RANK": "0"})
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "pass amoeba runs in one process" in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_latency_rounds_interleave_the_points_and_take_each_points_median(monkeypatch, tmp_path):
+    """A slow spell hits one round of every point, not one point: three rounds A B A B A B, each
+    point's figures the median over its rounds."""
+    from compress import formats
+    from compress.passes.amoeba import measure
+    from compress.profiling import harness
+    from compress.target import load_target
+
+    def export(model, src, out, *, bits, group):
+        (out / "onnx").mkdir(parents=True)
+        (out / "onnx" / "model.onnx.data").write_bytes(b"x" * model)
+        return out / "onnx"
+
+    calls, slow = [], {("b", 1): 3.0}  # b's second round ran during a slow spell
+
+    def profile(onnx, target, settings, *, label, log):
+        name = "a" if (onnx / "model.onnx.data").stat().st_size == 1000 else "b"
+        k = sum(c == name for c in calls)
+        calls.append(name)
+        ms = {"a": [4.0, 4.4, 4.2], "b": [2.0, 2.2, 2.1]}[name][k] * slow.get((name, k), 1.0)
+        return {"token_latency_ms": {"p50": ms}, "ttft_ms": {"median": 10 * ms},
+                "decode_tokens_per_second": {"median": 1000 / ms}, "peak_rss_bytes": 5e6, "target": "cpu"}
+
+    monkeypatch.setattr(measure, "export_for_latency", export)
+    monkeypatch.setattr(harness, "profile_model", profile)
+    monkeypatch.setattr(formats, "weight_bytes", lambda p: sum(f.stat().st_size for f in p.iterdir()))
+    made = []
+    out = measure.measure_latency([("a", lambda: made.append("a") or 1000), ("b", lambda: made.append("b") or 2000)],
+                                  tmp_path, load_target("cpu"), bits="4", group=128, prompt_tokens=8, new_tokens=4,
+                                  runs=1, rounds=3)
+    assert made == ["a", "b"] and calls == ["a", "b"] * 3
+    assert out["a"]["ms_per_token"] == pytest.approx(4.2) and out["b"]["ms_per_token"] == pytest.approx(2.1)
+    assert out["b"]["ms_per_token_rounds"] == [2.0, 6.6, 2.1] and out["a"]["ttft_ms"] == pytest.approx(42.0)
+    assert out["b"]["size_mb"] == 2000 / 1e6 and out["a"]["peak_rss_mb"] == 5.0

@@ -20,8 +20,9 @@ register_pass(
     entry="compress.passes.amoeba.run:amoeba",
     summary="AmoebaLLM: DP layer table, FLAP widths, a shape-routed mixture of LoRAs trained with the sandwich "
             "rule; then every depth x width subnet evaluated and its latency measured or predicted",
-    # algorithm 1: first release
-    algorithm=1,
+    # algorithm 1: first release; 2: the measured points' latency is the median of interleaved
+    # rounds (latency_rounds), not one profile each
+    algorithm=2,
     accepts=("hf",),
     produces="supernet",
     uses=("data", "teacher", "target", "eval"),
@@ -34,8 +35,8 @@ register_pass(
     entry="compress.passes.amoeba.pick:pick",
     summary="extract the most accurate subnet of a supernet's table within a size / latency / perplexity budget "
             "(measured), as a dense model",
-    # algorithm 1: first release
-    algorithm=1,
+    # algorithm 1: first release; 2: a predicted point is measured in the supernet's rounds
+    algorithm=2,
     accepts=("supernet",),
     produces="hf",
     uses=("target",),

@@ -54,7 +54,10 @@ class AmoebaConfig(Config):
     latency_group: int = help_field(128, "group size of the table's quantized exports (64 along a 448 / 960 width)")
     prompt_tokens: int = help_field(128, "latency: prompt tokens (TTFT)")
     new_tokens: int = help_field(64, "latency: generated tokens per run")
-    runs: int = help_field(5, "latency: timed runs per point (median)")
+    runs: int = help_field(5, "latency: timed runs per point and round (median)")
+    latency_rounds: int = help_field(3, "latency: rounds, each profiling every measured point once in a fresh "
+                                        "worker (the median over rounds: a slow spell of the machine moves one "
+                                        "round of every point, not one point)")
 
     def validate(self) -> None:
         if self.min_layers < 0:
@@ -70,7 +73,7 @@ class AmoebaConfig(Config):
         if any(d < 1 for d in self.depths):
             self._fail("depths", "must be positive layer counts")
         for key in ("dp_sequences", "dp_loss_stride", "flap_blocks", "experts", "lora_rank", "router_hidden", "top_k", "runs",
-                    "latency_points"):
+                    "latency_points", "latency_rounds"):
             if getattr(self, key) < 1:
                 self._fail(key, "must be at least 1")
         if self.dp_seq_len < 2:

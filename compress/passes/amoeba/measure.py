@@ -3,14 +3,16 @@ at the rest from those (a least-squares fit in the subnet's parameters and depth
 
 A point's latency is measured as users meet it: the subnet extracted, quantized round-to-nearest
 at the table's precision (the kernels' speed depends on the shapes, not on the values), exported
-to ONNX (MatMulNBits) and profiled on the target in a fresh worker process (median of the runs
-after a warm-up). Its size is that export's bytes on disk.
+to ONNX (MatMulNBits) and profiled on the target in fresh worker processes, in rounds interleaved with
+the other measured points (median over the rounds of each round's median after a warm-up). Its size
+is that export's bytes on disk.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -99,26 +101,47 @@ def export_for_latency(model, tokenizer_src: Path, out: Path, *, bits: str, grou
     return onnx
 
 
-def measure_latency(model, tokenizer_src: Path, target, *, bits: str, group: int, prompt_tokens: int,
-                    new_tokens: int, runs: int, label: str = "subnet",
-                    log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Latency and size of ``model`` exported at ``bits`` on ``target``: the table's columns."""
+def measure_latency(models: list[tuple[str, Callable[[], Any]]], tokenizer_src: Path, target, *, bits: str,
+                    group: int, prompt_tokens: int, new_tokens: int, runs: int, rounds: int,
+                    log: Callable[[str], None] = lambda m: None) -> dict[str, dict[str, Any]]:
+    """Latency and size of each ``(label, make_model)`` exported at ``bits`` on ``target``: the
+    table's columns, by label.
+
+    Every model is exported first (one in memory at a time), then profiled in ``rounds``
+    interleaved rounds (each a fresh worker: a warm-up and ``runs`` timed runs); a point's figures
+    are the medians over its rounds. A slow spell of the machine (on a shared VM a 10-second
+    stretch can run 20 % slow) then moves one round of every point, not one point's only figure.
+    """
     from ...formats import weight_bytes
     from ...profiling.harness import ProfileSettings, profile_model
 
     tmp = Path(tempfile.mkdtemp(prefix="compress-subnet-"))
     try:
-        onnx = export_for_latency(model, tokenizer_src, tmp, bits=bits, group=group)
-        row = profile_model(onnx, target, ProfileSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                                                          runs=runs, warmup=1), label=label, log=log)
-        size = weight_bytes(onnx)
+        exports = {}
+        for k, (label, make) in enumerate(models):
+            exports[label] = export_for_latency(make(), tokenizer_src, tmp / str(k), bits=bits, group=group)
+        settings = ProfileSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=1)
+        seen: dict[str, list[dict]] = {label: [] for label in exports}
+        for r in range(rounds):
+            for label, onnx in exports.items():
+                seen[label].append(profile_model(onnx, target, settings, label=f"{label} (round {r + 1}/{rounds})",
+                                                 log=log))
+        out = {}
+        for label, onnx in exports.items():
+            rows = seen[label]
+            med = statistics.median
+            rss = [row["peak_rss_bytes"] for row in rows if row.get("peak_rss_bytes")]
+            out[label] = {
+                "ms_per_token": med(row["token_latency_ms"]["p50"] for row in rows),
+                "ttft_ms": med(row["ttft_ms"]["median"] for row in rows),
+                "decode_tokens_per_second": med(row["decode_tokens_per_second"]["median"] for row in rows),
+                "peak_rss_mb": med(rss) / 1e6 if rss else None,
+                "size_mb": weight_bytes(onnx) / 1e6,
+                "ms_per_token_rounds": [round(row["token_latency_ms"]["p50"], 4) for row in rows],
+                "profile": {k: rows[0][k] for k in ("target", "device", "threads", "runtime") if k in rows[0]}}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"ms_per_token": row["token_latency_ms"]["p50"], "ttft_ms": row["ttft_ms"]["median"],
-            "decode_tokens_per_second": row["decode_tokens_per_second"]["median"],
-            "peak_rss_mb": row["peak_rss_bytes"] / 1e6 if row.get("peak_rss_bytes") else None,
-            "size_mb": size / 1e6, "profile": {k: row[k] for k in ("target", "device", "threads", "runtime")
-                                               if k in row}}
+    return out
 
 
 def feasible(row: dict, budgets: dict[str, float], margin: float = 0.0) -> bool:

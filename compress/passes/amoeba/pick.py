@@ -81,11 +81,13 @@ def pick(parent: Artifact, cfg: PickConfig, ctx: PassContext) -> PassResult:
     masks = ctx.parent_masks()
 
     def measure(row: dict) -> dict[str, Any]:
-        small, _ = net.extract(net.subnet(row["depth"], row["width_index"]))
+        sub = net.subnet(row["depth"], row["width_index"])
+        label = f"d{row['depth']}-w{row['width']}"
         ctx.log(f"pick: measuring depth {row['depth']} width {row['width']} on {target.label()}")
-        return measure_latency(small, parent.path, target, bits=meta["latency_bits"], group=meta["latency_group"],
-                               prompt_tokens=meta["prompt_tokens"], new_tokens=meta["new_tokens"], runs=meta["runs"],
-                               label=f"d{row['depth']}-w{row['width']}", log=ctx.log)
+        return measure_latency([(label, lambda: net.extract(sub)[0])], parent.path, target, bits=meta["latency_bits"],
+                               group=meta["latency_group"], prompt_tokens=meta["prompt_tokens"],
+                               new_tokens=meta["new_tokens"], runs=meta["runs"], rounds=meta.get("rounds", 1),
+                               log=ctx.log)[label]
 
     row, made = choose(rows, cfg, measure)
     sub = net.subnet(row["depth"], row["width_index"])

@@ -139,15 +139,16 @@ def build_table(net: Supernet, subs: list[Subnet], cfg: AmoebaConfig, ctx: PassC
             bar.close()
     order = measurement_order([(r["depth"], r["width_index"]) for r in rows])[:cfg.latency_points]
     by_point = {(r["depth"], r["width_index"]): (s, r) for s, r in zip(subs, rows)}
-    for k, point in enumerate(order, 1):
+    ctx.log(f"amoeba: latency of {len(order)} subnets ({', '.join(f'd{d}-w{net.widths[w].fraction}' for d, w in order)}), "
+            f"{cfg.latency_rounds} interleaved rounds")
+    measured = measure_latency(
+        [(f"d{by_point[p][0].depth}-w{by_point[p][1]['width']}", lambda s=by_point[p][0]: net.extract(s)[0])
+         for p in order],
+        tokenizer_src, target, bits=cfg.latency_bits, group=cfg.latency_group, prompt_tokens=cfg.prompt_tokens,
+        new_tokens=cfg.new_tokens, runs=cfg.runs, rounds=cfg.latency_rounds, log=ctx.log)
+    for point in order:
         sub, row = by_point[point]
-        ctx.log(f"amoeba: latency of subnet depth {sub.depth} width {row['width']} ({k}/{len(order)})")
-        small, _ = net.extract(sub)
-        row.update(measure_latency(small, tokenizer_src, target, bits=cfg.latency_bits, group=cfg.latency_group,
-                                   prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens, runs=cfg.runs,
-                                   label=f"d{sub.depth}-w{row['width']}", log=ctx.log))
-        row["latency_measured"] = True
-        del small
+        row.update(measured[f"d{sub.depth}-w{row['width']}"], latency_measured=True)
     for key in LATENCY_KEYS:
         predict(rows, key)
     for r in rows:
@@ -242,6 +243,7 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
     save_supernet(net, ctx.out_dir, extra={
         "latency_bits": cfg.latency_bits, "latency_group": cfg.latency_group,
         "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens, "runs": cfg.runs,
+        "rounds": cfg.latency_rounds,
         "min_layers": lo})
     measured = sum(r["latency_measured"] for r in rows)
     best = min(rows, key=lambda r: r["ms_per_token"])
