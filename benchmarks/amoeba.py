@@ -107,10 +107,11 @@ def baseline_points(table: list[dict]) -> list[dict]:
     return [r for r in table if 0.8 * full <= r["parameters"] < full]
 
 
-def baselines(repo: Path, work: Path, cache: Path, table: list[dict]) -> dict[str, Any]:
-    """One folder: the 0-step amoeba stage is computed once and reused (same id) by every baseline."""
+def baselines(repo: Path, work: Path, cache: Path, table: list[dict]) -> tuple[dict[str, Any], list[dict]]:
+    """One folder: the 0-step amoeba stage is computed once and reused (same id) by every baseline.
+    Also returns that stage's table: every point one-shot (DP order + FLAP, untrained experts)."""
     out = work / "baselines"
-    rows = {}
+    rows, oneshot = {}, []
     for r in baseline_points(table):
         name = f"d{r['depth']}-w{r['width']}"
         kind = ("layer drop (DP order) + distill" if r["width"] == 1.0 else
@@ -118,19 +119,20 @@ def baselines(repo: Path, work: Path, cache: Path, table: list[dict]) -> dict[st
         passes = [{"name": "amoeba", "config": amoeba_config(steps=0, latency_points=1)},
                   {"name": "pick", "config": {"depth": r["depth"], "width": r["width"]}},
                   {"name": "distill", "config": {"steps": STEPS, "batch_size": BATCH, "lr": 5e-5, "warmup_steps": 5,
-                                                 "ce": 1.0, "kl": 1.0, "heldout_blocks": 4}}]
+                                                 "ce": 1.0, "kl": 1.0}}]
         prof = write_profile(work / f"baseline-{name}.yaml", passes, f"baseline {name}")
         rep, wall = run_compress(f"baseline {name}", model_cmd(prof, out), repo, cache)
         st = {s["name"].split("-", 1)[1]: s for s in rep["stages"]}
-        final, oneshot = st["distill"], st["pick"]
+        final, picked = st["distill"], st["pick"]
+        oneshot = json.loads((out / st["amoeba"]["path"] / "manifest.json").read_text())["metrics"]["subnets"]
         rows[name] = {"depth": r["depth"], "width": r["width"], "kind": kind, "parameters": final["parameters"],
                       "perplexity": final["perplexity"], "kl": final["kl"], "top1_agreement": final["top1_agreement"],
-                      "oneshot_perplexity": oneshot["perplexity"], "amoeba_perplexity": r["perplexity"],
+                      "oneshot_perplexity": picked["perplexity"], "amoeba_perplexity": r["perplexity"],
                       "amoeba_kl": r["kl"], "beats": r["perplexity"] < final["perplexity"],
                       "wall_seconds": round(wall, 1), "path": str(out / final["path"]), "commit": commit_of(repo)}
         shutil.copytree(out / final["path"], work / f"baseline-{name}", dirs_exist_ok=True)  # kept for --heldout
         rows[name]["path"] = str(work / f"baseline-{name}")
-    return rows
+    return rows, oneshot
 
 
 def heldout(work: Path, result: dict) -> dict[str, Any]:
@@ -186,13 +188,16 @@ def render(result: dict) -> str:
     lines = []
     if sn:
         t = sn["teacher_perplexity"]
+        untrained = {(r["depth"], r["width"]): r["perplexity"] for r in result.get("oneshot_table", [])}
         full = max(sn["table"], key=lambda r: r["parameters"])
-        lines += ["| depth | width | params M | MB (4-bit) | perplexity | × teacher | KL | top-1 | ms/token | "
-                  "× full latency | TTFT ms |", "|" + "---|" * 11]
+        lines += ["| depth | width | params M | MB (4-bit) | perplexity | × teacher | untrained × teacher | KL | top-1 | "
+                  "ms/token | × full latency | TTFT ms |", "|" + "---|" * 12]
         for r in sn["table"]:
             star = "" if r["latency_measured"] else "*"
+            before = untrained.get((r["depth"], r["width"]))
             lines.append(f"| {r['depth']} | {r['width']} | {r['parameters'] / 1e6:.1f} | {r['size_mb']:.1f}{star} | "
-                         f"{r['perplexity']:.3f} | {r['perplexity'] / t:.3f} | {r['kl']:.4f} | "
+                         f"{r['perplexity']:.3f} | {r['perplexity'] / t:.3f} | "
+                         f"{'–' if before is None else f'{before / t:.3f}'} | {r['kl']:.4f} | "
                          f"{r['top1_agreement']:.3f} | {r['ms_per_token']:.2f}{star} | "
                          f"{r['ms_per_token'] / full['ms_per_token']:.3f}{star} | {r['ttft_ms']:.1f}{star} |")
     if result.get("baselines"):
@@ -232,7 +237,8 @@ def main() -> int:
         result["supernet"] = {**supernet(args.repo, args.work, cache), "date": time.strftime("%Y-%m-%d")}
         save()
     if args.baselines:
-        result["baselines"] = baselines(args.repo, args.work, cache, result["supernet"]["table"])
+        result["baselines"], result["oneshot_table"] = baselines(args.repo, args.work, cache,
+                                                                 result["supernet"]["table"])
         save()
     if args.heldout:
         result["heldout"] = heldout(args.work, result)

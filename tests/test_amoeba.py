@@ -391,29 +391,48 @@ def test_subnets_list_and_pick_from_the_command_line(edge_run, tmp_path):
     assert len(got["measured"]) == 1 and got["measured"][0]["profile"]["threads"] == 2
 
 
-def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path):
+def _tiny_amoeba(tiny4, tmp_path, **over):
+    """The amoeba pass on the tiny model, called directly: (parent, config, context factory)."""
     from compress.artifact import Artifact
     from compress.context import PassContext
     from compress.models import load_model
     from compress.passes.amoeba.config import AmoebaConfig
-    from compress.passes.amoeba.run import amoeba
-    from safetensors.torch import load_file
     from tiny import CORPUS, make_tokenizer
 
     ids = make_tokenizer()(CORPUS)["input_ids"]
     blocks = torch.tensor(ids[:16 * 32]).reshape(16, 32)
     parent = Artifact(tiny4, {"id": "parent", "format": "hf", "invariants": {}})
     teacher = load_model(tiny4)
-    cfg = AmoebaConfig.from_dict(dict(min_layers=2, widths=[1.0, 0.5], dp_sequences=8, dp_seq_len=16, flap_blocks=4,
-                                      lora_rank=4, steps=8, lr=1e-3, warmup_steps=1, batch_size=2,
-                                      checkpoint_every=2, heldout_blocks=2, latency_points=1, runs=1, latency_rounds=1,
-                                      prompt_tokens=4, new_tokens=2, latency_group=32, bf16="off"))
+    cfg = AmoebaConfig.from_dict(dict(dict(min_layers=2, widths=[1.0, 0.5], dp_sequences=8, dp_seq_len=16,
+                                           flap_blocks=4, lora_rank=4, steps=8, lr=1e-3, warmup_steps=1, batch_size=2,
+                                           checkpoint_every=2, heldout_blocks=2, latency_points=1, runs=1,
+                                           latency_rounds=1, prompt_tokens=4, new_tokens=2, latency_group=32,
+                                           bf16="off"), **over))
 
     def ctx(name):
         (tmp_path / name).mkdir()
         return PassContext(artifact_id=name, out_dir=tmp_path / name, work_dir=tmp_path / f"{name}-work",
                            teacher_path=tiny4, load_teacher=lambda: teacher, training_blocks=lambda: blocks,
                            progress=None, log=lambda m: None)
+    return parent, cfg, ctx
+
+
+def test_an_untrained_supernet_is_the_parent_as_its_full_subnet(tiny4, tmp_path):
+    """steps 0 (the one-shot table the benchmark's baselines start from): the experts start at zero,
+    so the full subnet is the parent exactly (held-out KL 0) while the smaller ones differ."""
+    from compress.passes.amoeba.run import amoeba
+
+    parent, cfg, ctx = _tiny_amoeba(tiny4, tmp_path, steps=0)
+    a = amoeba(parent, cfg, ctx("oneshot")).metrics["amoeba"]
+    assert a["train"]["steps"] == 0 and a["train"]["history"] == [] and a["sampled_subnets"] == []
+    assert a["kl_heldout"] == pytest.approx(0.0, abs=1e-6) and a["kl_heldout_smallest"] > 1e-3
+
+
+def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path):
+    from compress.passes.amoeba.run import amoeba
+    from safetensors.torch import load_file
+
+    parent, cfg, ctx = _tiny_amoeba(tiny4, tmp_path)
     ref = amoeba(parent, cfg, ctx("ref"))
     c = ctx("killed")
     killed_during_training(lambda: amoeba(parent, cfg, c), step=5)
