@@ -422,10 +422,15 @@ def test_an_untrained_supernet_is_the_parent_as_its_full_subnet(tiny4, tmp_path)
     so the full subnet is the parent exactly (held-out KL 0) while the smaller ones differ."""
     from compress.passes.amoeba.run import amoeba
 
-    parent, cfg, ctx = _tiny_amoeba(tiny4, tmp_path, steps=0)
+    parent, cfg, ctx = _tiny_amoeba(tiny4, tmp_path, steps=0, dp_sequences=6)
     a = amoeba(parent, cfg, ctx("oneshot")).metrics["amoeba"]
     assert a["train"]["steps"] == 0 and a["train"]["history"] == [] and a["sampled_subnets"] == []
     assert a["kl_heldout"] == pytest.approx(0.0, abs=1e-6) and a["kl_heldout_smallest"] > 1e-3
+    # another stage of the same parent and DP settings (here: trained) takes the cached DP table
+    _, trained, _ = _tiny_amoeba(tiny4, tmp_path, steps=2, dp_sequences=6)
+    b = amoeba(parent, trained, ctx("trained")).metrics["amoeba"]
+    assert a["dp"]["evaluated_now"] == a["dp"]["evaluations"] - 1 > 0 and b["dp"]["evaluated_now"] == 0
+    assert b["dp"]["removed"] == a["dp"]["removed"] and b["dp"]["scores"] == a["dp"]["scores"]
 
 
 def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path):

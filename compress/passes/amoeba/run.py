@@ -18,13 +18,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
 import torch
 
 from ...arch import arch_of
-from ...artifact import Artifact, link_model_files
+from ...artifact import Artifact, hash_parts, link_model_files
+from ...cache import cache_dir
 from ...context import PassContext, PassResult
 from ...errors import UserError
 from ...evaluation import heldout_kl, heldout_split
@@ -180,16 +182,28 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
     try:
         from ...hardware import resolve_bf16
 
-        metric = LossMetric(student, calib, batch=16, stride=cfg.dp_loss_stride, bf16=resolve_bf16(cfg.train.bf16)[0])
-        dp = dp_layer_selection(L, lo, metric, keep_last=cfg.keep_last,
-                                progress=(lambda i, n: bar.update(1)) if bar else None,
-                                state=ctx.work_dir / "dp_state.json", fingerprint=ctx.artifact_id)
+        bf16 = resolve_bf16(cfg.train.bf16)[0]
+        metric = LossMetric(student, calib, batch=16, stride=cfg.dp_loss_stride, bf16=bf16)
+        # the DP depends on the parent, its calibration tokens and these settings only: kept in the
+        # cache under that key, another stage of the same parent (other training steps, latency
+        # settings, a baseline) takes it as it stands, and a killed one resumes at its next level
+        key = hash_parts("amoeba-dp-1", parent.id, hashlib.sha256(calib.numpy().tobytes()).hexdigest(),
+                         f"{tuple(calib.shape)}|{L}|{lo}|{cfg.keep_last}|{cfg.dp_loss_stride}|{bf16}")
+        now = []
+
+        def progress(i, n):
+            now.append(i)
+            if bar:
+                bar.update(1)
+        dp = dp_layer_selection(L, lo, metric, keep_last=cfg.keep_last, progress=progress,
+                                state=cache_dir() / "amoeba-dp" / f"{key}.json", fingerprint=key)
     finally:
         if bar:
             bar.close()
     summary["dp"] = {**dp.to_json(), "sequences": int(calib.shape[0]), "seq_len": int(calib.shape[1]),
-                     "seconds": time.perf_counter() - t0}
-    ctx.log(f"amoeba: DP table over {L} layers down to {lo} ({dp.evaluations} evaluations on "
+                     "seconds": time.perf_counter() - t0, "evaluated_now": len(now), "key": key}
+    ctx.log(f"amoeba: DP table over {L} layers down to {lo} ({dp.evaluations} evaluations"
+            f"{', taken from the cache' if not now else ''} on "
             f"{calib.shape[0]} x {calib.shape[1]} tokens); loss full {dp.scores[0]:.3f}, at {lo} layers "
             f"{dp.scores[L - lo]:.3f}")
 
