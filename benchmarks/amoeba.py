@@ -97,6 +97,7 @@ def supernet(repo: Path, work: Path, cache: Path) -> dict[str, Any]:
             "dp": {k: a["dp"][k] for k in ("removed", "scores", "evaluations", "sequences", "seq_len", "seconds")},
             "widths": a["widths"], "flap_seconds": a["flap_seconds"],
             "kl_heldout_before": a["kl_heldout_before"], "kl_heldout": a["kl_heldout"],
+            "kl_heldout_smallest_before": a.get("kl_heldout_smallest_before"),
             "kl_heldout_smallest": a["kl_heldout_smallest"], "trainable_parameters": a["trainable_parameters"],
             "train": {k: v for k, v in a["train"].items() if not isinstance(v, (list, dict))},
             "pass_seconds": m.get("pass_seconds")}

@@ -426,6 +426,7 @@ def test_an_untrained_supernet_is_the_parent_as_its_full_subnet(tiny4, tmp_path)
     a = amoeba(parent, cfg, ctx("oneshot")).metrics["amoeba"]
     assert a["train"]["steps"] == 0 and a["train"]["history"] == [] and a["sampled_subnets"] == []
     assert a["kl_heldout"] == pytest.approx(0.0, abs=1e-6) and a["kl_heldout_smallest"] > 1e-3
+    assert a["kl_heldout_smallest"] == a["kl_heldout_smallest_before"]  # nothing trained
     # another stage of the same parent and DP settings (here: trained) takes the cached DP table
     _, trained, _ = _tiny_amoeba(tiny4, tmp_path, steps=2, dp_sequences=6)
     b = amoeba(parent, trained, ctx("trained")).metrics["amoeba"]
