@@ -321,7 +321,9 @@ def _load_narrow(path: Path, config, dtype: torch.dtype):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    files = sorted(Path(path).glob("*.safetensors"))
+    from .formats import weight_files
+
+    files = weight_files(path)  # not a sparse model's masks.safetensors
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path}")
     model = AutoModelForCausalLM.from_config(config).to(dtype)

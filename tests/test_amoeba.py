@@ -282,6 +282,23 @@ def test_a_sparse_parent_stays_exactly_sparse_through_the_merge():
         assert torch.allclose(small(input_ids=ids, use_cache=False).logits, want, atol=1e-4)
 
 
+def test_a_narrowed_sparse_model_loads_with_its_masks_beside_it(tmp_path):
+    """A hidden size that is not a multiple of the heads (PAT's) is loaded past transformers 5's
+    check from its weight files only: a sparse stage's masks.safetensors (module names, no
+    ``.weight``) is not a weight file (the real edge chain's sparse_ft stage failed on it)."""
+    from compress.masks import write_masks
+    from compress.models import load_model, save_model
+
+    model = _model(layers=2)
+    masks = {name: torch.ones_like(model.get_submodule(name).weight, dtype=torch.bool)
+             for name in arch_of(model).linear_names(model)}
+    save_model(model, tmp_path)
+    write_masks(tmp_path, masks)
+    ids = _blocks(1, 8)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 # ---------------------------------------------------------------- the passes, through the pipeline
 
 EDGE = str(Path(__file__).parent / "profiles" / "edge-tiny.yaml")
