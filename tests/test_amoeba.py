@@ -551,10 +551,10 @@ def test_latency_rounds_interleave_the_points_and_take_each_points_median(monkey
     monkeypatch.setattr(harness, "profile_model", profile)
     monkeypatch.setattr(formats, "weight_bytes", lambda p: sum(f.stat().st_size for f in p.iterdir()))
     made = []
-    out = measure.measure_latency([("a", lambda: made.append("a") or 1000), ("b", lambda: made.append("b") or 2000)],
+    a, b = measure.measure_latency([("a", lambda: made.append("a") or 1000), ("b", lambda: made.append("b") or 2000)],
                                   tmp_path, load_target("cpu"), bits="4", group=128, prompt_tokens=8, new_tokens=4,
                                   runs=1, rounds=3)
     assert made == ["a", "b"] and calls == ["a", "b"] * 3
-    assert out["a"]["ms_per_token"] == pytest.approx(4.2) and out["b"]["ms_per_token"] == pytest.approx(2.1)
-    assert out["b"]["ms_per_token_rounds"] == [2.0, 6.6, 2.1] and out["a"]["ttft_ms"] == pytest.approx(42.0)
-    assert out["b"]["size_mb"] == 2000 / 1e6 and out["a"]["peak_rss_mb"] == 5.0
+    assert a["ms_per_token"] == pytest.approx(4.2) and b["ms_per_token"] == pytest.approx(2.1)
+    assert b["ms_per_token_rounds"] == [2.0, 6.6, 2.1] and a["ttft_ms"] == pytest.approx(42.0)
+    assert b["size_mb"] == 2000 / 1e6 and a["peak_rss_mb"] == 5.0

@@ -103,9 +103,9 @@ def export_for_latency(model, tokenizer_src: Path, out: Path, *, bits: str, grou
 
 def measure_latency(models: list[tuple[str, Callable[[], Any]]], tokenizer_src: Path, target, *, bits: str,
                     group: int, prompt_tokens: int, new_tokens: int, runs: int, rounds: int,
-                    log: Callable[[str], None] = lambda m: None) -> dict[str, dict[str, Any]]:
+                    log: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
     """Latency and size of each ``(label, make_model)`` exported at ``bits`` on ``target``: the
-    table's columns, by label.
+    table's columns, in the order of ``models``.
 
     Every model is exported first (one in memory at a time), then profiled in ``rounds``
     interleaved rounds (each a fresh worker: a warm-up and ``runs`` timed runs); a point's figures
@@ -117,28 +117,25 @@ def measure_latency(models: list[tuple[str, Callable[[], Any]]], tokenizer_src: 
 
     tmp = Path(tempfile.mkdtemp(prefix="compress-subnet-"))
     try:
-        exports = {}
-        for k, (label, make) in enumerate(models):
-            exports[label] = export_for_latency(make(), tokenizer_src, tmp / str(k), bits=bits, group=group)
+        exports = [(label, export_for_latency(make(), tokenizer_src, tmp / str(k), bits=bits, group=group))
+                   for k, (label, make) in enumerate(models)]
         settings = ProfileSettings(prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs, warmup=1)
-        seen: dict[str, list[dict]] = {label: [] for label in exports}
+        seen: list[list[dict]] = [[] for _ in exports]
         for r in range(rounds):
-            for label, onnx in exports.items():
-                seen[label].append(profile_model(onnx, target, settings, label=f"{label} (round {r + 1}/{rounds})",
-                                                 log=log))
-        out = {}
-        for label, onnx in exports.items():
-            rows = seen[label]
-            med = statistics.median
+            for (label, onnx), rows in zip(exports, seen):
+                rows.append(profile_model(onnx, target, settings, label=f"{label} (round {r + 1}/{rounds})", log=log))
+        med = statistics.median
+        out = []
+        for (_, onnx), rows in zip(exports, seen):
             rss = [row["peak_rss_bytes"] for row in rows if row.get("peak_rss_bytes")]
-            out[label] = {
+            out.append({
                 "ms_per_token": med(row["token_latency_ms"]["p50"] for row in rows),
                 "ttft_ms": med(row["ttft_ms"]["median"] for row in rows),
                 "decode_tokens_per_second": med(row["decode_tokens_per_second"]["median"] for row in rows),
                 "peak_rss_mb": med(rss) / 1e6 if rss else None,
                 "size_mb": weight_bytes(onnx) / 1e6,
                 "ms_per_token_rounds": [round(row["token_latency_ms"]["p50"], 4) for row in rows],
-                "profile": {k: rows[0][k] for k in ("target", "device", "threads", "runtime") if k in rows[0]}}
+                "profile": {k: rows[0][k] for k in ("target", "device", "threads", "runtime") if k in rows[0]}})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

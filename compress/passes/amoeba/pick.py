@@ -82,12 +82,11 @@ def pick(parent: Artifact, cfg: PickConfig, ctx: PassContext) -> PassResult:
 
     def measure(row: dict) -> dict[str, Any]:
         sub = net.subnet(row["depth"], row["width_index"])
-        label = f"d{row['depth']}-w{row['width']}"
         ctx.log(f"pick: measuring depth {row['depth']} width {row['width']} on {target.label()}")
-        return measure_latency([(label, lambda: net.extract(sub)[0])], parent.path, target, bits=meta["latency_bits"],
-                               group=meta["latency_group"], prompt_tokens=meta["prompt_tokens"],
-                               new_tokens=meta["new_tokens"], runs=meta["runs"], rounds=meta.get("rounds", 1),
-                               log=ctx.log)[label]
+        return measure_latency([(f"d{row['depth']}-w{row['width']}", lambda: net.extract(sub)[0])], parent.path,
+                               target, bits=meta["latency_bits"], group=meta["latency_group"],
+                               prompt_tokens=meta["prompt_tokens"], new_tokens=meta["new_tokens"], runs=meta["runs"],
+                               rounds=meta.get("rounds", 1), log=ctx.log)[0]
 
     row, made = choose(rows, cfg, measure)
     sub = net.subnet(row["depth"], row["width_index"])

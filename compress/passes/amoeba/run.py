@@ -143,14 +143,14 @@ def build_table(net: Supernet, subs: list[Subnet], cfg: AmoebaConfig, ctx: PassC
     by_point = {(r["depth"], r["width_index"]): (s, r) for s, r in zip(subs, rows)}
     ctx.log(f"amoeba: latency of {len(order)} subnets ({', '.join(f'd{d}-w{net.widths[w].fraction}' for d, w in order)}), "
             f"{cfg.latency_rounds} interleaved rounds")
-    measured = measure_latency(
-        [(f"d{by_point[p][0].depth}-w{by_point[p][1]['width']}", lambda s=by_point[p][0]: net.extract(s)[0])
-         for p in order],
-        tokenizer_src, target, bits=cfg.latency_bits, group=cfg.latency_group, prompt_tokens=cfg.prompt_tokens,
-        new_tokens=cfg.new_tokens, runs=cfg.runs, rounds=cfg.latency_rounds, log=ctx.log)
-    for point in order:
-        sub, row = by_point[point]
-        row.update(measured[f"d{sub.depth}-w{row['width']}"], latency_measured=True)
+    points = [by_point[p] for p in order]
+    measured = measure_latency([(f"d{sub.depth}-w{row['width']}", lambda s=sub: net.extract(s)[0])
+                                for sub, row in points],
+                               tokenizer_src, target, bits=cfg.latency_bits, group=cfg.latency_group,
+                               prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens, runs=cfg.runs,
+                               rounds=cfg.latency_rounds, log=ctx.log)
+    for (_, row), m in zip(points, measured):
+        row.update(m, latency_measured=True)
     for key in LATENCY_KEYS:
         predict(rows, key)
     for r in rows:
