@@ -93,6 +93,20 @@ def test_shipped_profiles_resolve():
         load_pipeline(name)
 
 
+def test_shipped_subnet_tables_time_decode_as_the_profile_stage_does():
+    """A pick budget is read against the table's ms/token and checked by profile_latency: both must
+    time the same prompt and the same number of new tokens (a 64-token table under a 128-token
+    profile picked a subnet at 2.87 ms that deployed at 3.11 ms against a 3.0 ms budget)."""
+    checked = 0
+    for name in available_profiles():
+        stages = {s.spec.name: s.config for s in load_pipeline(name).stages}
+        if "amoeba" in stages and "profile_latency" in stages:
+            a, p = stages["amoeba"], stages["profile_latency"]
+            assert (a.prompt_tokens, a.new_tokens) == (p.prompt_tokens, p.new_tokens), name
+            checked += 1
+    assert checked >= 1
+
+
 def test_embedded_training_section_merges_over_the_pass_defaults():
     q = get_pass("quantize").config
     d = get_pass("distill").config
