@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -207,7 +208,33 @@ def render(result: dict) -> str:
         for n, b in result["baselines"].items():
             lines.append(f"| {n} | {b['kind']} | {b['parameters'] / 1e6:.1f} | {b['amoeba_perplexity']:.3f} | "
                          f"{b['perplexity']:.3f} | {b['oneshot_perplexity']:.3f} | {'yes' if b['beats'] else 'no'} |")
+    if result.get("heldout"):
+        ho = result["heldout"]
+        domains = list(next(iter(ho.values()))["domains"])
+        lines += ["", "| model | " + " | ".join(f"{d} × teacher" for d in domains) + " | geomean | worst |",
+                  "|" + "---|" * (len(domains) + 3)]
+        for label, h in ho.items():
+            s = h["summary"]
+            lines.append(f"| {label} | " + " | ".join(f"{s['ratios'][d]:.3f}" for d in domains)
+                         + f" | {s['geomean_ratio']:.3f} | {s['worst_ratio']:.3f} ({s['worst_domain']}) |")
+    if result.get("pick_timing"):
+        lines += ["", "| `subnets pick --max-ms-per-token X` | X (ms) | picked | measurements | seconds (median of 3) |",
+                  "|---|---|---|---|---|"]
+        for label, p in result["pick_timing"].items():
+            pk = p["picked"]
+            lines.append(f"| X just above a {label} | {p['budget_ms']:.3f} | d{pk['depth']}-w{pk['width']} "
+                         f"({pk['ms_per_token']:.3f} ms) | {p['measurements']} | {p['median_seconds']:.1f} |")
     return "\n".join(lines)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -227,7 +254,7 @@ def main() -> int:
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     cache = args.work / "cache"
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    result["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
     result["protocol"] = {"train": f"wikitext-2 valid, {STEPS} x {BATCH} x 512 tokens per trained row",
                           "eval": f"first {TOKENS} wikitext-2 test tokens, {WINDOW}-token windows"}
 
