@@ -8,7 +8,7 @@ only), evaluated on the first 40,960 tokens of wikitext-2 *test* in 512-token wi
 - `--supernet`: the `amoeba` pass as the `edge` profile configures it, on the unpruned model: the DP
   table, FLAP widths, the mixture of LoRAs trained with the sandwich rule (STEPS x BATCH x 512
   tokens), then the 16-point table (every point evaluated on the test tokens; latency and size at
-  4 bits measured at 6 points on this machine, one after another, the rest predicted).
+  4 bits measured at 6 points on this machine in 3 interleaved rounds, the rest predicted).
 - `--baselines`: every table point below the full model with at least 80 % of its parameters,
   rebuilt one-shot from the *same* DP removal order and FLAP ranking (an `amoeba` stage with 0
   training steps, shared by all of them), extracted (`pick --depth D --width W`: the dropped
@@ -204,10 +204,11 @@ def render(result: dict) -> str:
                          f"{r['ms_per_token'] / full['ms_per_token']:.3f}{star} | {r['ttft_ms']:.1f}{star} |")
     if result.get("baselines"):
         lines += ["", "| subnet | baseline | params M | Amoeba perplexity | baseline perplexity | one-shot | "
-                      "Amoeba beats it |", "|---|---|---|---|---|---|---|"]
+                      "Amoeba KL | baseline KL | Amoeba beats it |", "|---|---|---|---|---|---|---|---|---|"]
         for n, b in result["baselines"].items():
             lines.append(f"| {n} | {b['kind']} | {b['parameters'] / 1e6:.1f} | {b['amoeba_perplexity']:.3f} | "
-                         f"{b['perplexity']:.3f} | {b['oneshot_perplexity']:.3f} | {'yes' if b['beats'] else 'no'} |")
+                         f"{b['perplexity']:.3f} | {b['oneshot_perplexity']:.3f} | {b['amoeba_kl']:.4f} | "
+                         f"{b['kl']:.4f} | {'yes' if b['beats'] else 'no'} |")
     if result.get("heldout"):
         ho = result["heldout"]
         domains = list(next(iter(ho.values()))["domains"])
