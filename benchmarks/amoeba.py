@@ -228,16 +228,6 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", type=Path, default=ROOT, help="the checkout that runs the rows (a fresh clone)")
@@ -255,6 +245,8 @@ def main() -> int:
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     cache = args.work / "cache"
+    from compress.hardware import cpu_name
+
     result["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
     result["protocol"] = {"train": f"wikitext-2 valid, {STEPS} x {BATCH} x 512 tokens per trained row",
                           "eval": f"first {TOKENS} wikitext-2 test tokens, {WINDOW}-token windows"}
