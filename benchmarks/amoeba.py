@@ -202,6 +202,15 @@ def render(result: dict) -> str:
                          f"{'–' if before is None else f'{before / t:.3f}'} | {r['kl']:.4f} | "
                          f"{r['top1_agreement']:.3f} | {r['ms_per_token']:.2f}{star} | "
                          f"{r['ms_per_token'] / full['ms_per_token']:.3f}{star} | {r['ttft_ms']:.1f}{star} |")
+        from compress.passes.amoeba.measure import prediction_error
+
+        for key, name in (("ms_per_token", "ms/token"), ("ttft_ms", "TTFT")):
+            err = prediction_error(sn["table"], key)
+            if err:
+                per = ", ".join(f"d{e['depth']}-w{e['width']} {100 * e['error']:+.1f} %" for e in err["per_point"])
+                lines.append(f"\nPredicted {name}, each measured point from the other {err['points'] - 1} (what "
+                             f"`subnets list` prints): median error {100 * err['median_abs_error']:.1f} %, worst "
+                             f"{100 * err['max_abs_error']:.1f} % ({per}).")
     if result.get("baselines"):
         lines += ["", "| subnet | baseline | params M | Amoeba perplexity | baseline perplexity | one-shot | "
                       "Amoeba KL | baseline KL | Amoeba beats it |", "|---|---|---|---|---|---|---|---|---|"]

@@ -211,13 +211,16 @@ def subnets_list(run: str | Path) -> dict[str, Any]:
 
 
 def _subnet_table(run: str | Path, art: Artifact) -> dict[str, Any]:
+    from .passes.amoeba.measure import prediction_error
     from .passes.amoeba.store import read_meta
 
     meta = read_meta(art.path)
     metrics = art.manifest.get("metrics") or {}
     keep = ("latency_bits", "latency_group", "prompt_tokens", "new_tokens", "runs", "rounds", "min_layers")
+    rows = metrics.get("subnets") or []
     return {"run": str(run), "stage": str(art.path), "id": art.id, **{k: meta.get(k) for k in keep},
-            "target": metrics.get("subnets_target"), "subnets": metrics.get("subnets") or []}
+            "target": metrics.get("subnets_target"), "subnets": rows,
+            "prediction_error": {k: prediction_error(rows, k) for k in ("ms_per_token", "ttft_ms")}}
 
 
 def subnets_pick(

@@ -252,6 +252,17 @@ def subnets_list_cmd(
                      f"{target.get('device', 'cpu')}:{target.get('threads') or 'all cores'}, {result['prompt_tokens']} "
                      f"prompt tokens; * = predicted from the measured points\n")
     sys.stdout.write("\n".join(table_markdown(result["subnets"])) + "\n")
+    for key, name in (("ms_per_token", "ms/token"), ("ttft_ms", "TTFT")):
+        err = (result.get("prediction_error") or {}).get(key)
+        if err and any(not r.get("latency_measured") for r in result["subnets"]):
+            sys.stdout.write(f"predicted {name}: each measured point predicted from the other {err['points'] - 1} is off by "
+                             f"{100 * err['median_abs_error']:.0f} % (median), {100 * err['max_abs_error']:.0f} % "
+                             f"(worst, {_worst_point(err)}); the pick measures before it takes a predicted point\n")
+
+
+def _worst_point(err: dict) -> str:
+    w = max(err["per_point"], key=lambda e: abs(e["error"]))
+    return f"d{w['depth']}-w{w['width']}: {w['predicted']:.2f} for {w['measured']:.2f}"
 
 
 @subnets_app.command("pick")

@@ -330,8 +330,10 @@ def pack_blocks(stream, seq_len: int):
 # ------------------------------------------------------------------------ self-generated
 
 
-def ensure_self_data(spec: DataSpec, cfg: DataConfig, model, tokenizer, progress: Callable | None = None) -> Path:
-    """Generate (once) the teacher's answers for ``spec``; return the JSONL path."""
+def ensure_self_data(spec: DataSpec, cfg: DataConfig, model, tokenizer, progress: Callable | None = None,
+                     log: Callable[[str], None] | None = None) -> Path:
+    """Generate (once) the teacher's answers for ``spec``; return the JSONL path. Before a long
+    generation ``log`` says that it happens once per cache and how to skip it."""
     path = self_data_path(spec)
     if path.is_file():
         return path
@@ -341,6 +343,11 @@ def ensure_self_data(spec: DataSpec, cfg: DataConfig, model, tokenizer, progress
     else:
         prompts = split_prompts(0, cfg.eval_prompts)[1]
         sampled = set()
+    if log:
+        what, instead = (("training", "--data FILE trains on your text instead") if spec.split == "train" else
+                         ("held-out evaluation", "--eval-data FILE adds your own text as a domain"))
+        log(f"the teacher writes its own {what} text, {len(prompts)} answers — once: they are kept in {path.parent} "
+            f"and every later run reuses them ({instead})")
     rows = generate_answers(model, tokenizer, prompts, cfg, progress, sampled=sampled)
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path

@@ -49,6 +49,7 @@ class Resources:
         key = (spec.fingerprint, max_tokens)
         if key not in self._streams:
             if spec.kind == "self":
-                ensure_self_data(spec, self.data_cfg, self.teacher(), self.tokenizer(), self.ui.progress)
+                ensure_self_data(spec, self.data_cfg, self.teacher(), self.tokenizer(), self.ui.progress,
+                                 log=self.ui.log)
             self._streams[key] = token_stream(iter_documents(spec), self.tokenizer(), max_tokens, label=spec.label)
         return self._streams[key]

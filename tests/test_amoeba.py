@@ -384,6 +384,9 @@ def test_subnets_list_and_pick_from_the_command_line(edge_run, tmp_path):
     assert len(table["subnets"]) == 9 and table["latency_bits"] == "4"
     text = run_cli("subnets", "list", str(out))
     assert text.returncode == 0 and "| depth | width |" in text.stdout and "*" in text.stdout
+    err = table["prediction_error"]["ms_per_token"]
+    assert err["points"] == 3 and len(err["per_point"]) == 3 and err["max_abs_error"] >= err["median_abs_error"] >= 0
+    assert f"{100 * err['max_abs_error']:.0f} % (worst, d" in text.stdout and "predicted from the other 2" in text.stdout
     measured = [s for s in table["subnets"] if s["latency_measured"]]
     budget = 3 * max(s["ms_per_token"] for s in measured)
     r = run_cli("subnets", "pick", str(out), "--max-ms-per-token", str(budget), "--out", str(tmp_path / "sub"),
@@ -558,3 +561,29 @@ def test_latency_rounds_interleave_the_points_and_take_each_points_median(monkey
     assert a["ms_per_token"] == pytest.approx(4.2) and b["ms_per_token"] == pytest.approx(2.1)
     assert b["ms_per_token_rounds"] == [2.0, 6.6, 2.1] and a["ttft_ms"] == pytest.approx(42.0)
     assert b["size_mb"] == 2000 / 1e6 and a["peak_rss_mb"] == 5.0
+
+
+def test_prediction_error_is_each_measured_point_predicted_from_the_others():
+    """Leave-one-out over the measured rows with the fit ``predict`` uses: an exactly linear latency
+    gives no error; one point 20 % off the plane the others lie on is predicted 1/1.2 - 1 off, and the
+    predicted (unmeasured) rows are never scored."""
+    from compress.passes.amoeba.measure import predict, prediction_error
+
+    def ms(p, d):
+        return 0.5 + 0.02 * p + 0.03 * d
+    rows = [{"depth": d, "width": w, "parameters": p * 1e6, "ms_per_token": ms(p, d), "latency_measured": True}
+            for d, w, p in [(30, 1.0, 130), (30, 0.5, 90), (20, 1.0, 95), (20, 0.5, 70), (25, 0.75, 96)]]
+    rows.append({"depth": 25, "width": 1.0, "parameters": 112e6, "ms_per_token": None, "latency_measured": False})
+    predict(rows, "ms_per_token")
+    assert rows[-1]["ms_per_token"] == pytest.approx(ms(112, 25))
+    err = prediction_error(rows)
+    assert err["points"] == 5 and err["max_abs_error"] < 1e-9
+    rows[4]["ms_per_token"] *= 1.2  # the middle point measured slow: the plane of the corners misses it
+    err = prediction_error(rows)
+    mid = err["per_point"][4]
+    assert (mid["depth"], mid["width"]) == (25, 0.75) and mid["measured"] == pytest.approx(1.2 * ms(96, 25))
+    assert mid["predicted"] == pytest.approx(ms(96, 25)) and mid["error"] == pytest.approx(1 / 1.2 - 1)
+    # the corners, each predicted through the slow point, are off too, and the summary is over all five
+    assert all(abs(e["error"]) > 1e-3 for e in err["per_point"][:4])
+    assert err["max_abs_error"] == max(abs(e["error"]) for e in err["per_point"]) >= 1 - 1 / 1.2 - 1e-12
+    assert prediction_error(rows[:2] + rows[-1:]) is None  # two measured points: nothing left to fit on

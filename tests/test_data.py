@@ -90,15 +90,17 @@ def test_self_data_is_generated_once_and_cached(tiny_dir, tok):
     spec = self_data_spec("tiny", cfg, "eval")
     assert spec.fingerprint != self_data_spec("tiny", cfg, "train").fingerprint
     assert spec.fingerprint != self_data_spec("tiny", DataConfig.from_dict({**cfg.to_dict(), "max_new_tokens": 9}), "eval").fingerprint
-    path = ensure_self_data(spec, cfg, load_model(tiny_dir), tok)
+    said = []
+    path = ensure_self_data(spec, cfg, load_model(tiny_dir), tok, log=said.append)
+    assert len(said) == 1 and "3 answers — once" in said[0] and str(path.parent) in said[0]
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert 1 <= len(rows) <= 3
     assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in rows)
     held = split_prompts(5, 3)[1]
     assert {r["messages"][0]["content"] for r in rows} <= set(held)
     mtime = path.stat().st_mtime_ns
-    ensure_self_data(spec, cfg, None, tok)  # no model needed: cache hit
-    assert path.stat().st_mtime_ns == mtime
+    ensure_self_data(spec, cfg, None, tok, log=said.append)  # no model needed: cache hit, nothing said
+    assert path.stat().st_mtime_ns == mtime and len(said) == 1
     assert len(read_documents(spec)) == len(rows)
 
 

@@ -55,12 +55,9 @@ def measurement_order(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return order
 
 
-def predict(rows: list[dict], key: str) -> None:
-    """Fill ``key`` of the rows that lack it from the measured ones: least squares on
-    ``[1, parameters, depth]`` (``[1, parameters]`` with fewer than 4 measured points)."""
-    known = [r for r in rows if r.get(key) is not None]
-    if not known or len(known) == len(rows):
-        return
+def _fit(known: list[dict], key: str) -> Callable[[dict], float]:
+    """The predictor of ``key`` fitted on ``known``: least squares on ``[1, parameters, depth]``
+    (``[1, parameters]`` with fewer than 4 points or a single depth)."""
     use_depth = len(known) >= 4 and len({r["depth"] for r in known}) > 1
 
     def feats(r):
@@ -68,9 +65,35 @@ def predict(rows: list[dict], key: str) -> None:
     x = np.array([feats(r) for r in known])
     y = np.array([r[key] for r in known], dtype=float)
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return lambda r: float(np.dot(feats(r), coef))
+
+
+def predict(rows: list[dict], key: str) -> None:
+    """Fill ``key`` of the rows that lack it from the measured ones (``_fit``)."""
+    known = [r for r in rows if r.get(key) is not None]
+    if not known or len(known) == len(rows):
+        return
+    fit = _fit(known, key)
     for r in rows:
         if r.get(key) is None:
-            r[key] = float(np.dot(feats(r), coef))
+            r[key] = fit(r)
+
+
+def prediction_error(rows: list[dict], key: str = "ms_per_token") -> dict[str, Any] | None:
+    """How far to trust the predicted ``key`` of a table: each measured row predicted from the
+    other measured ones (leave-one-out, the fit ``predict`` uses), as relative errors. ``None``
+    with fewer than 3 measured rows (nothing left to fit on)."""
+    known = [r for r in rows if r.get("latency_measured") and r.get(key) is not None]
+    if len(known) < 3:
+        return None
+    errors = []
+    for i, r in enumerate(known):
+        guess = _fit(known[:i] + known[i + 1:], key)(r)
+        errors.append({"depth": r["depth"], "width": r["width"], "measured": r[key], "predicted": guess,
+                       "error": guess / r[key] - 1})
+    rel = [abs(e["error"]) for e in errors]
+    return {"key": key, "points": len(errors), "median_abs_error": statistics.median(rel), "max_abs_error": max(rel),
+            "mean_error": statistics.fmean(e["error"] for e in errors), "per_point": errors}
 
 
 def export_for_latency(model, tokenizer_src: Path, out: Path, *, bits: str, group: int) -> Path:
