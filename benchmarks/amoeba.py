@@ -16,6 +16,10 @@ only), evaluated on the first 40,960 tokens of wikitext-2 *test* in 512-token wi
   (`distill`: CE + KL to the teacher, full fine-tuning, STEPS x BATCH x 512). Width 1: layer
   dropping by the DP order + distillation; depth 30: one-shot FLAP width pruning + distillation;
   both below: the two together.
+- `--supernet-full`: the same supernet with `tuning: full` (the decoder's Linear weights trained
+  beside the experts at `base_lr`), its table read on the same tokens (latency measured at one
+  point, one round: the shapes and so the latencies are those of `--supernet`), against the same
+  baselines.
 - `--heldout`: the subnets with baselines and their baselines on the multi-domain held-out table of
   heldout.py (wikitext-2 test, the teacher's answers, stdlib code, docstrings; 16,384 tokens each).
 - `--pick-timing`: wall seconds of `compress subnets pick RUN --max-ms-per-token X` for X just above
@@ -84,10 +88,10 @@ def commit_of(repo: Path) -> str:
                           text=True).stdout.strip()
 
 
-def supernet(repo: Path, work: Path, cache: Path) -> dict[str, Any]:
-    out = work / "supernet"
-    prof = write_profile(work / "supernet.yaml", [{"name": "amoeba", "config": amoeba_config()}], "supernet")
-    rep, wall = run_compress("supernet", model_cmd(prof, out), repo, cache)  # a killed run resumes
+def supernet(repo: Path, work: Path, cache: Path, name: str = "supernet", **extra) -> dict[str, Any]:
+    out = work / name
+    prof = write_profile(work / f"{name}.yaml", [{"name": "amoeba", "config": amoeba_config(**extra)}], name)
+    rep, wall = run_compress(name, model_cmd(prof, out), repo, cache)  # a killed run resumes
     teacher, st = rep["stages"][0], rep["stages"][1]
     man = json.loads((out / st["path"] / "manifest.json").read_text())
     m = man["metrics"]
@@ -101,7 +105,7 @@ def supernet(repo: Path, work: Path, cache: Path) -> dict[str, Any]:
             "kl_heldout_smallest_before": a.get("kl_heldout_smallest_before"),
             "kl_heldout_smallest": a["kl_heldout_smallest"], "trainable_parameters": a["trainable_parameters"],
             "train": {k: v for k, v in a["train"].items() if not isinstance(v, (list, dict))},
-            "pass_seconds": m.get("pass_seconds")}
+            "pass_seconds": m.get("pass_seconds"), "settings": extra}
 
 
 def baseline_points(table: list[dict]) -> list[dict]:
@@ -218,6 +222,24 @@ def render(result: dict) -> str:
             lines.append(f"| {n} | {b['kind']} | {b['parameters'] / 1e6:.1f} | {b['amoeba_perplexity']:.3f} | "
                          f"{b['perplexity']:.3f} | {b['oneshot_perplexity']:.3f} | {b['amoeba_kl']:.4f} | "
                          f"{b['kl']:.4f} | {'yes' if b['beats'] else 'no'} |")
+    if result.get("supernet_full") and result.get("baselines") and sn:
+        sf, t = result["supernet_full"], sn["teacher_perplexity"]
+        full_rows = {(r["depth"], r["width"]): r for r in sf["table"]}
+        lines += ["", "| subnet | params M | tuning lora × teacher | tuning full × teacher | baseline × teacher | "
+                      "full beats baseline |", "|---|---|---|---|---|---|"]
+        points = [("d30-w1.0", max(sn["table"], key=lambda r: r["parameters"]), None)]
+        points += [(n, next(r for r in sn["table"] if (r["depth"], r["width"]) == (b["depth"], b["width"])), b)
+                   for n, b in result["baselines"].items()]
+        points.append(("smallest", min(sn["table"], key=lambda r: r["parameters"]), None))
+        for n, r, b in points:
+            f = full_rows[(r["depth"], r["width"])]
+            n = n if n != "smallest" else f"d{r['depth']}-w{r['width']}"
+            lines.append(f"| {n} | {r['parameters'] / 1e6:.1f} | {r['perplexity'] / t:.3f} | {f['perplexity'] / t:.3f} | "
+                         + (f"{b['perplexity'] / t:.3f} | {'yes' if f['perplexity'] < b['perplexity'] else 'no'} |"
+                            if b else "– | – |"))
+        lines.append(f"\n`tuning: full`: {sf['trainable_parameters'] / 1e6:.1f} M trained, {sf['wall_seconds']:.0f} s "
+                     f"wall; held-out KL of the full subnet {sf['kl_heldout']:.4f} (lora {sn['kl_heldout']:.4f}), "
+                     f"of the smallest {sf['kl_heldout_smallest']:.4f} (lora {sn['kl_heldout_smallest']:.4f}).")
     if result.get("heldout"):
         ho = result["heldout"]
         domains = list(next(iter(ho.values()))["domains"])
@@ -243,6 +265,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "amoeba")
     ap.add_argument("--out", type=Path, default=RESULT)
     ap.add_argument("--supernet", action="store_true")
+    ap.add_argument("--supernet-full", action="store_true")
     ap.add_argument("--baselines", action="store_true")
     ap.add_argument("--heldout", action="store_true")
     ap.add_argument("--pick-timing", action="store_true")
@@ -265,6 +288,10 @@ def main() -> int:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.supernet:
         result["supernet"] = {**supernet(args.repo, args.work, cache), "date": time.strftime("%Y-%m-%d")}
+        save()
+    if args.supernet_full:
+        result["supernet_full"] = {**supernet(args.repo, args.work, cache, "supernet-full", tuning="full",
+                                              latency_points=1, latency_rounds=1), "date": time.strftime("%Y-%m-%d")}
         save()
     if args.baselines:
         result["baselines"], result["oneshot_table"] = baselines(args.repo, args.work, cache,

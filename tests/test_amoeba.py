@@ -459,11 +459,60 @@ def test_an_untrained_supernet_is_the_parent_as_its_full_subnet(tiny4, tmp_path)
     assert b["dp"]["removed"] == a["dp"]["removed"] and b["dp"]["scores"] == a["dp"]["scores"]
 
 
-def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path):
+
+def test_full_tuning_trains_the_base_keeps_a_sparse_parent_exact_and_saves_its_own_base(tiny4, tmp_path):
+    """tuning full: every decoder Linear moves (embeddings and norms do not), a sparse parent's zeros
+    stay exact in the stage's own base weights (its masks linked beside them), and the stage loads
+    back as the model it trained: the loaded full subnet's held-out KL is the pass's. Under the
+    default (lora) the base is the parent's file, untouched."""
+    from compress.evaluation import heldout_kl, heldout_split
+    from compress.masks import read_masks, write_masks
+    from compress.models import load_model, save_model
+    from compress.passes.amoeba.run import amoeba
+    from compress.tokenizer import copy_tokenizer_files
+    from safetensors.torch import load_file
+
+    sparse = tmp_path / "sparse"
+    model = load_model(tiny4)
+    g = torch.Generator().manual_seed(5)
+    masks = {}
+    with torch.no_grad():
+        for name in arch_of(model).linear_names(model):
+            w = model.get_submodule(name).weight
+            masks[name] = torch.rand(w.shape, generator=g) > 0.5
+            w.mul_(masks[name])
+    save_model(model, sparse)
+    copy_tokenizer_files(tiny4, sparse)
+    write_masks(sparse, masks)
+    orig = load_file(sparse / "model.safetensors")
+    parent, cfg, ctx = _tiny_amoeba(sparse, tmp_path, tuning="full", base_lr=1e-3, steps=4)
+    c = ctx("full")
+    c.parent_masks = lambda: masks
+    a = amoeba(parent, cfg, c).metrics["amoeba"]
+    base = load_file(tmp_path / "full" / "model.safetensors")
+    linear = {n + ".weight" for n in masks}
+    assert base.keys() == orig.keys()
+    assert all(not torch.equal(base[k], orig[k]) for k in linear)
+    assert all(torch.equal(base[k], orig[k]) for k in orig if k not in linear)
+    assert all(int((base[n + ".weight"][~m] != 0).sum()) == 0 for n, m in masks.items())
+    assert read_masks(tmp_path / "full").keys() == masks.keys()
+    adapters = sum(p.numel() for p in load_model(tmp_path / "full").supernet.smol.parameters())
+    assert a["trainable_parameters"] == adapters + sum(m.numel() for m in masks.values())
+    held = heldout_split(c.training_blocks(), cfg.heldout_blocks)[1]
+    assert heldout_kl(load_model(tmp_path / "full"), c.load_teacher(), held) == pytest.approx(a["kl_heldout"], rel=1e-5)
+    assert a["kl_heldout"] > 1e-4  # it trained away from the teacher's copy
+    parent, lora, ctx = _tiny_amoeba(sparse, tmp_path, steps=4)
+    c = ctx("lora")
+    c.parent_masks = lambda: masks
+    amoeba(parent, lora, c)
+    assert (tmp_path / "lora" / "model.safetensors").read_bytes() == (sparse / "model.safetensors").read_bytes()
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path, tuning):
     from compress.passes.amoeba.run import amoeba
     from safetensors.torch import load_file
 
-    parent, cfg, ctx = _tiny_amoeba(tiny4, tmp_path)
+    parent, cfg, ctx = _tiny_amoeba(tiny4, tmp_path, tuning=tuning)
     ref = amoeba(parent, cfg, ctx("ref"))
     c = ctx("killed")
     killed_during_training(lambda: amoeba(parent, cfg, c), step=5)
@@ -475,6 +524,8 @@ def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path):
     assert b["sampled_subnets"][-3:] == a["sampled_subnets"][-3:]
     x = load_file(tmp_path / "ref" / "supernet" / "adapters.safetensors")
     y = load_file(tmp_path / "killed" / "supernet" / "adapters.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    x, y = (load_file(tmp_path / run / "model.safetensors") for run in ("ref", "killed"))  # the trained base too
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 

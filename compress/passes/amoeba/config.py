@@ -42,9 +42,15 @@ class AmoebaConfig(Config):
                                 "(the authors' in-place distillation, kd 1)")
     balance: bool = help_field(True, "loss-magnitude balancing: each subnet's loss scaled to the full model's")
     temperature: float = help_field(1.0, "softmax temperature of the KL terms")
+    tuning: Literal["lora", "full"] = help_field(
+        "lora", "what the sandwich trains: the experts and the router, the base frozen (lora, the authors'), or "
+                "also the decoder's Linear weights at base_lr (full: one set of base weights every subnet shares; "
+                "a sparse parent's zeros held exactly; the stage then saves its own base weights)")
+    base_lr: float = help_field(5e-5, "tuning full: peak learning rate of the base weights (train.lr is the "
+                                      "adapters'; same schedule)")
     train: TrainSection = help_field(
         TrainSection(steps=60, lr=2e-4, warmup_steps=5, batch_size=2, schedule="cosine", min_lr_ratio=0.1),
-        "sandwich training of the experts and the router (the base weights stay frozen)")
+        "sandwich training of the experts and the router (and the base weights under tuning full)")
     heldout_blocks: int = help_field(4, "training blocks held out (the full subnet's KL before / after)")
     latency_points: int = help_field(6, "grid points whose latency is measured (an ONNX export each, the corners "
                                         "and the middle first); the rest are predicted from them")
@@ -87,6 +93,8 @@ class AmoebaConfig(Config):
         if self.ce + self.kl <= 0:
             self._fail("ce", "the full model needs a loss: ce + kl must be > 0")
         self._nonnegative("ce", "kl", "heldout_blocks")
+        if self.base_lr <= 0:
+            self._fail("base_lr", "must be > 0")
         if self.lora_alpha <= 0 or self.temperature <= 0:
             self._fail("lora_alpha" if self.lora_alpha <= 0 else "temperature", "must be > 0")
         if self.latency_group < 16 or self.latency_group & (self.latency_group - 1):

@@ -5,7 +5,8 @@
 2. Width (:mod:`.flap`): every layer's FLAP ranking of heads and MLP channels, and the means of
    their inputs (bias compensation), on ``flap_blocks`` training blocks.
 3. The shape-aware mixture of LoRAs (:mod:`.smol`) on every decoder Linear; the base weights stay
-   frozen (a sparse parent's zeros stay exact: the deltas are masked).
+   frozen (a sparse parent's zeros stay exact: the deltas are masked), or with ``tuning: full``
+   are trained too, at ``base_lr`` (the loop holds a sparse parent's zeros after every step).
 4. Sandwich training through the shared loop: per micro-batch the full subnet (``ce`` CE + ``kl``
    KL to the teacher), ``random_subnets`` random ones (depth in ``[min_layers, L)``, widths drawn
    without replacement) and the smallest, each distilled from the full subnet's detached logits
@@ -25,13 +26,13 @@ from typing import Any
 import torch
 
 from ...arch import arch_of
-from ...artifact import Artifact, hash_parts, link_model_files
+from ...artifact import MANIFEST, METRICS, Artifact, hash_parts, link_model_files, link_or_copy
 from ...cache import cache_dir
 from ...context import PassContext, PassResult
 from ...errors import UserError
 from ...evaluation import heldout_kl, heldout_split
 from ...frontier import table_markdown
-from ...models import load_model
+from ...models import load_model, save_model
 from ...ops import losses
 from ...target import load_target
 from ...training.loop import Hooks, LossWeights
@@ -107,6 +108,39 @@ def sandwich_hooks(net: Supernet, cfg: AmoebaConfig, lo: int, record: dict[str, 
         return last, parts
 
     return Hooks(loss=loss, unused_parameters=True)
+
+
+SMOL_MODULE = "amoeba_smol"
+
+
+def train_base_weights(student, cfg: AmoebaConfig, names: list[str]) -> Hooks | None:
+    """``tuning: full``: the decoder Linears' weights made trainable beside the adapters, in their
+    own optimizer group at ``base_lr``; the optimizer's groups as a hook (None under ``lora``)."""
+    if cfg.tuning != "full":
+        return None
+    for name in names:
+        student.get_submodule(name).weight.requires_grad_(True)
+
+    def groups(model):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [{"params": [p for n, p in named if n.startswith(SMOL_MODULE + ".")]},
+                {"params": [p for n, p in named if not n.startswith(SMOL_MODULE + ".")], "lr": cfg.base_lr}]
+    return groups
+
+
+def save_base(student, parent_path, out) -> None:
+    """The stage's own base model (trained under ``tuning: full``): its weights and config, the
+    adapters left out (``save_supernet`` writes those), every other file of the parent's folder
+    (tokenizer, a sparse parent's masks) linked beside them."""
+    smol = student._modules.pop(SMOL_MODULE)
+    try:
+        save_model(student, out)
+    finally:
+        student.add_module(SMOL_MODULE, smol)
+    for f in sorted(parent_path.iterdir()):
+        weights = f.name.startswith(("model", "pytorch_model")) and f.name.endswith((".safetensors", ".bin", ".json"))
+        if f.is_file() and f.name not in (MANIFEST, METRICS) and not weights and not (out / f.name).exists():
+            link_or_copy(f, out / f.name)
 
 
 def grid(net: Supernet, cfg: AmoebaConfig) -> list[Subnet]:
@@ -221,8 +255,9 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
     smol = SMoL(student, arch.linear_names(student), num_layers=L, num_widths=len(widths), experts=cfg.experts,
                 rank=cfg.lora_rank, alpha=cfg.lora_alpha, router_hidden=cfg.router_hidden, top_k=cfg.top_k,
                 seed=cfg.train.seed, masks=masks).attach(student)
-    student.add_module("amoeba_smol", smol)
+    student.add_module(SMOL_MODULE, smol)
     net = Supernet(student, dp, widths, plan, smol, compensate=cfg.compensate)
+    base_groups = train_base_weights(student, cfg, arch.linear_names(student))
     teacher = ctx.load_teacher()
     net.rest()
     summary["kl_heldout_before"] = heldout_kl(student, teacher, held)
@@ -233,12 +268,15 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
 
     # 4. sandwich training
     settings, why = cfg.train.settings(LossWeights(ce=cfg.ce, kl=cfg.kl, temperature=cfg.temperature))
-    ctx.log(f"amoeba: sandwich training of {summary['trainable_parameters'] / 1e6:.2f} M adapter parameters "
+    what = "adapter parameters" if cfg.tuning == "lora" else "parameters (the base's Linears and the adapters)"
+    ctx.log(f"amoeba: sandwich training of {summary['trainable_parameters'] / 1e6:.2f} M {what} "
             f"({cfg.experts} experts of rank {cfg.lora_rank} per Linear), {settings.steps} steps of "
             f"{settings.batch_size * settings.grad_accum} sequences x {2 + cfg.random_subnets} subnets, bf16 "
             f"{'on' if settings.bf16 else 'off'} ({why})")
     record: dict[str, Any] = {}
-    summary["train"] = ctx.train(student, teacher, train_blocks, settings, hooks=sandwich_hooks(net, cfg, lo, record))
+    hooks = sandwich_hooks(net, cfg, lo, record)
+    hooks.param_groups = base_groups
+    summary["train"] = ctx.train(student, teacher, train_blocks, settings, hooks=hooks)
     summary["train"]["bf16_reason"] = why
     for p in student.parameters():
         p.requires_grad_(False)
@@ -253,9 +291,12 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
     rows = build_table(net, grid(net, cfg), cfg, ctx, parent.path, masks, target)
     summary["seconds"] = time.perf_counter() - t_start
 
-    # the artifact: the parent's model files (the frozen base) + the supernet's own
+    # the artifact: the base (the parent's model files when frozen, its own when trained) + the supernet's own
     net.detach_hooks()
-    link_model_files(parent.path, ctx.out_dir)
+    if cfg.tuning == "full":
+        save_base(student, parent.path, ctx.out_dir)
+    else:
+        link_model_files(parent.path, ctx.out_dir)
     save_supernet(net, ctx.out_dir, extra={
         "latency_bits": cfg.latency_bits, "latency_group": cfg.latency_group,
         "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens, "runs": cfg.runs,
@@ -264,7 +305,8 @@ def amoeba(parent: Artifact, cfg: AmoebaConfig, ctx: PassContext) -> PassResult:
     measured = sum(r["latency_measured"] for r in rows)
     best = min(rows, key=lambda r: r["ms_per_token"])
     report = [f"AmoebaLLM supernet: {L} layers down to {lo} (DP table, {dp.evaluations} evaluations), widths "
-              f"{', '.join(str(w) for w in cfg.widths)}; {cfg.experts} LoRA experts per Linear trained "
+              f"{', '.join(str(w) for w in cfg.widths)}; {cfg.experts} LoRA experts per Linear"
+              f"{' and the base weights' if cfg.tuning == 'full' else ''} trained "
               f"{settings.steps} steps (sandwich: full + {cfg.random_subnets} random + smallest). Held-out KL of "
               f"the full subnet {summary['kl_heldout_before']:.4f} -> {summary['kl_heldout']:.4f}, of the smallest "
               f"{summary['kl_heldout_smallest_before']:.4f} -> {summary['kl_heldout_smallest']:.4f}.",
