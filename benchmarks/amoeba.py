@@ -279,7 +279,8 @@ def main() -> int:
     cache = args.work / "cache"
     from compress.hardware import cpu_name
 
-    result["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
+    result.setdefault("machine", machine)  # the machine of the first parts; a later part records its own
     result["protocol"] = {"train": f"wikitext-2 valid, {STEPS} x {BATCH} x 512 tokens per trained row",
                           "eval": f"first {TOKENS} wikitext-2 test tokens, {WINDOW}-token windows"}
 
@@ -287,11 +288,13 @@ def main() -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.supernet:
-        result["supernet"] = {**supernet(args.repo, args.work, cache), "date": time.strftime("%Y-%m-%d")}
+        result["supernet"] = {**supernet(args.repo, args.work, cache), "date": time.strftime("%Y-%m-%d"),
+                              "machine": machine}
         save()
     if args.supernet_full:
         result["supernet_full"] = {**supernet(args.repo, args.work, cache, "supernet-full", tuning="full",
-                                              latency_points=1, latency_rounds=1), "date": time.strftime("%Y-%m-%d")}
+                                              latency_points=1, latency_rounds=1), "date": time.strftime("%Y-%m-%d"),
+                                   "machine": machine}
         save()
     if args.baselines:
         result["baselines"], result["oneshot_table"] = baselines(args.repo, args.work, cache,
