@@ -141,7 +141,8 @@ def baselines(repo: Path, work: Path, cache: Path, table: list[dict]) -> tuple[d
     return rows, oneshot
 
 
-def heldout(work: Path, result: dict) -> dict[str, Any]:
+def heldout(work: Path, result: dict, part: str = "supernet", label: str = "amoeba",
+            with_baselines: bool = True) -> dict[str, Any]:
     from compress import api
     from compress.sources import resolve_source_ref
     from compress.resources import Resources
@@ -149,15 +150,16 @@ def heldout(work: Path, result: dict) -> dict[str, Any]:
     from compress.ui import UI
 
     teacher = Resources(resolve_source_ref(None), DataConfig(), UI(True)).folder()
-    run = Path(result["supernet"]["path"])
+    run = Path(result[part]["path"])
     out = {}
     for name, b in result.get("baselines", {}).items():
-        sub = work / f"amoeba-{name}"
+        sub = work / f"{part}-{name}"
         api.subnets_pick(run, sub, depth=b["depth"], width=b["width"], force=True, quiet=True)
-        for label, folder in ((f"amoeba {name}", sub), (f"baseline {name}", Path(b["path"]))):
-            log(f"heldout: {label}")
+        rows = [(f"{label} {name}", sub)] + ([(f"baseline {name}", Path(b["path"]))] if with_baselines else [])
+        for label_, folder in rows:
+            log(f"heldout: {label_}")
             per, seconds = evaluate_heldout(folder, teacher)
-            out[label] = {"domains": per, "summary": summarize(per), "eval_seconds": seconds}
+            out[label_] = {"domains": per, "summary": summarize(per), "eval_seconds": seconds}
     return out
 
 
@@ -241,7 +243,8 @@ def render(result: dict) -> str:
                      f"wall; held-out KL of the full subnet {sf['kl_heldout']:.4f} (lora {sn['kl_heldout']:.4f}), "
                      f"of the smallest {sf['kl_heldout_smallest']:.4f} (lora {sn['kl_heldout_smallest']:.4f}).")
     if result.get("heldout"):
-        ho = result["heldout"]
+        ho = {**result["heldout"], **result.get("heldout_full", {})}
+        ho = {k: ho[k] for k in sorted(ho, key=lambda k: (k.split()[-1], k.split()[0] != "amoeba", k))}
         domains = list(next(iter(ho.values()))["domains"])
         lines += ["", "| model | " + " | ".join(f"{d} × teacher" for d in domains) + " | geomean | worst |",
                   "|" + "---|" * (len(domains) + 3)]
@@ -268,6 +271,7 @@ def main() -> int:
     ap.add_argument("--supernet-full", action="store_true")
     ap.add_argument("--baselines", action="store_true")
     ap.add_argument("--heldout", action="store_true")
+    ap.add_argument("--heldout-full", action="store_true", help="the --supernet-full subnets on the held-out table")
     ap.add_argument("--pick-timing", action="store_true")
     ap.add_argument("--render", action="store_true")
     args = ap.parse_args()
@@ -302,6 +306,9 @@ def main() -> int:
         save()
     if args.heldout:
         result["heldout"] = heldout(args.work, result)
+        save()
+    if args.heldout_full:
+        result["heldout_full"] = heldout(args.work, result, "supernet_full", "amoeba full", with_baselines=False)
         save()
     if args.pick_timing:
         result["pick_timing"] = pick_timing(result, args.repo)
