@@ -141,7 +141,7 @@ def baselines(repo: Path, work: Path, cache: Path, table: list[dict]) -> tuple[d
     return rows, oneshot
 
 
-def heldout(work: Path, result: dict, part: str = "supernet", label: str = "amoeba",
+def heldout(work: Path, result: dict, part: str = "supernet", prefix: str = "amoeba",
             with_baselines: bool = True) -> dict[str, Any]:
     from compress import api
     from compress.sources import resolve_source_ref
@@ -155,11 +155,11 @@ def heldout(work: Path, result: dict, part: str = "supernet", label: str = "amoe
     for name, b in result.get("baselines", {}).items():
         sub = work / f"{part}-{name}"
         api.subnets_pick(run, sub, depth=b["depth"], width=b["width"], force=True, quiet=True)
-        rows = [(f"{label} {name}", sub)] + ([(f"baseline {name}", Path(b["path"]))] if with_baselines else [])
-        for label_, folder in rows:
-            log(f"heldout: {label_}")
+        rows = [(f"{prefix} {name}", sub)] + ([(f"baseline {name}", Path(b["path"]))] if with_baselines else [])
+        for label, folder in rows:
+            log(f"heldout: {label}")
             per, seconds = evaluate_heldout(folder, teacher)
-            out[label_] = {"domains": per, "summary": summarize(per), "eval_seconds": seconds}
+            out[label] = {"domains": per, "summary": summarize(per), "eval_seconds": seconds}
     return out
 
 
@@ -229,14 +229,12 @@ def render(result: dict) -> str:
         full_rows = {(r["depth"], r["width"]): r for r in sf["table"]}
         lines += ["", "| subnet | params M | tuning lora × teacher | tuning full × teacher | baseline × teacher | "
                       "full beats baseline |", "|---|---|---|---|---|---|"]
-        points = [("d30-w1.0", max(sn["table"], key=lambda r: r["parameters"]), None)]
-        points += [(n, next(r for r in sn["table"] if (r["depth"], r["width"]) == (b["depth"], b["width"])), b)
-                   for n, b in result["baselines"].items()]
-        points.append(("smallest", min(sn["table"], key=lambda r: r["parameters"]), None))
-        for n, r, b in points:
-            f = full_rows[(r["depth"], r["width"])]
-            n = n if n != "smallest" else f"d{r['depth']}-w{r['width']}"
-            lines.append(f"| {n} | {r['parameters'] / 1e6:.1f} | {r['perplexity'] / t:.3f} | {f['perplexity'] / t:.3f} | "
+        base = {(b["depth"], b["width"]): b for b in result["baselines"].values()}
+        by_size = sorted(sn["table"], key=lambda r: r["parameters"])
+        points = [by_size[-1]] + [r for r in sn["table"] if (r["depth"], r["width"]) in base] + [by_size[0]]
+        for r in points:
+            f, b = full_rows[(r["depth"], r["width"])], base.get((r["depth"], r["width"]))
+            lines.append(f"| d{r['depth']}-w{r['width']} | {r['parameters'] / 1e6:.1f} | {r['perplexity'] / t:.3f} | {f['perplexity'] / t:.3f} | "
                          + (f"{b['perplexity'] / t:.3f} | {'yes' if f['perplexity'] < b['perplexity'] else 'no'} |"
                             if b else "– | – |"))
         lines.append(f"\n`tuning: full`: {sf['trainable_parameters'] / 1e6:.1f} M trained, {sf['wall_seconds']:.0f} s "
@@ -308,7 +306,7 @@ def main() -> int:
         result["heldout"] = heldout(args.work, result)
         save()
     if args.heldout_full:
-        result["heldout_full"] = heldout(args.work, result, "supernet_full", "amoeba full", with_baselines=False)
+        result["heldout_full"] = heldout(args.work, result, "supernet_full", prefix="amoeba full", with_baselines=False)
         save()
     if args.pick_timing:
         result["pick_timing"] = pick_timing(result, args.repo)

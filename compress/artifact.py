@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from . import __version__
 from .errors import UserError
 
-from .formats import MANIFEST
+from .formats import MANIFEST, weight_files
 METRICS = "metrics.json"  # a stage's evaluation results, beside its manifest
 SCHEMA = 1
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -242,11 +242,18 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(root))
 
 
-def link_model_files(src: Path, dst: Path) -> None:
-    """Hard-link a model folder's files into ``dst``, leaving out its manifest and metrics."""
-    for f in sorted(Path(src).iterdir()):
-        if f.is_file() and f.name not in (MANIFEST, METRICS):
-            link_or_copy(f, Path(dst) / f.name)
+def link_model_files(src: Path, dst: Path, *, weights: bool = True) -> None:
+    """Hard-link a model folder's files into ``dst``, leaving out its manifest and metrics. With
+    ``weights=False`` ``dst`` already holds its own model: the weight files and their index are left
+    out too, and so is every file ``dst`` already has (its config)."""
+    src, dst = Path(src), Path(dst)
+    skip = {MANIFEST, METRICS}
+    if not weights:
+        skip |= {p.name for p in weight_files(src)} | {p.name for p in src.glob("*.safetensors.index.json")}
+        skip |= {p.name for p in dst.iterdir()}
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in skip:
+            link_or_copy(f, dst / f.name)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

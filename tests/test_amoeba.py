@@ -459,7 +459,6 @@ def test_an_untrained_supernet_is_the_parent_as_its_full_subnet(tiny4, tmp_path)
     assert b["dp"]["removed"] == a["dp"]["removed"] and b["dp"]["scores"] == a["dp"]["scores"]
 
 
-
 def test_full_tuning_trains_the_base_keeps_a_sparse_parent_exact_and_saves_its_own_base(tiny4, tmp_path):
     """tuning full: every decoder Linear moves (embeddings and norms do not), a sparse parent's zeros
     stay exact in the stage's own base weights (its masks linked beside them), and the stage loads
@@ -506,6 +505,7 @@ def test_full_tuning_trains_the_base_keeps_a_sparse_parent_exact_and_saves_its_o
     c.parent_masks = lambda: masks
     amoeba(parent, lora, c)
     assert (tmp_path / "lora" / "model.safetensors").read_bytes() == (sparse / "model.safetensors").read_bytes()
+
 
 @pytest.mark.parametrize("tuning", ["lora", "full"])
 def test_resumed_amoeba_equals_uninterrupted(tiny4, tmp_path, tuning):

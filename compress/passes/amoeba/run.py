@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ...arch import arch_of
-from ...artifact import MANIFEST, METRICS, Artifact, hash_parts, link_model_files, link_or_copy
+from ...artifact import Artifact, hash_parts, link_model_files
 from ...cache import cache_dir
 from ...context import PassContext, PassResult
 from ...errors import UserError
@@ -41,7 +41,7 @@ from .dp import LossMetric, dp_evaluations, dp_layer_selection
 from .flap import flap_widths, width_shape
 from .measure import LATENCY_KEYS, measure_latency, measurement_order, predict, subnet_parameters
 from .smol import SMoL
-from .store import save_supernet
+from .store import SMOL_MODULE, save_supernet
 from .subnet import Subnet, Supernet
 
 
@@ -110,10 +110,8 @@ def sandwich_hooks(net: Supernet, cfg: AmoebaConfig, lo: int, record: dict[str, 
     return Hooks(loss=loss, unused_parameters=True)
 
 
-SMOL_MODULE = "amoeba_smol"
-
-
-def train_base_weights(student, cfg: AmoebaConfig, names: list[str]) -> Hooks | None:
+def train_base_weights(student, cfg: AmoebaConfig,
+                       names: list[str]) -> Callable[[torch.nn.Module], list[dict]] | None:
     """``tuning: full``: the decoder Linears' weights made trainable beside the adapters, in their
     own optimizer group at ``base_lr``; the optimizer's groups as a hook (None under ``lora``)."""
     if cfg.tuning != "full":
@@ -137,10 +135,7 @@ def save_base(student, parent_path, out) -> None:
         save_model(student, out)
     finally:
         student.add_module(SMOL_MODULE, smol)
-    for f in sorted(parent_path.iterdir()):
-        weights = f.name.startswith(("model", "pytorch_model")) and f.name.endswith((".safetensors", ".bin", ".json"))
-        if f.is_file() and f.name not in (MANIFEST, METRICS) and not weights and not (out / f.name).exists():
-            link_or_copy(f, out / f.name)
+    link_model_files(parent_path, out, weights=False)
 
 
 def grid(net: Supernet, cfg: AmoebaConfig) -> list[Subnet]:

@@ -14,6 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+SMOL_MODULE = "amoeba_smol"  #: the mixture of LoRAs, as a submodule of the supernet's base model
+
 SUPERNET_CONFIG = "supernet.json"
 SUPERNET_DIR = "supernet"
 ADAPTERS = "adapters.safetensors"
@@ -110,7 +112,7 @@ def load_supernet(path: Path, *, dtype=None, **_: Any):
         smol.load_state_dict({k[len("smol."):]: v for k, v in tensors.items() if k.startswith("smol.")})
         smol.to(dtype)
         smol.attach(model)
-        model.add_module("amoeba_smol", smol)
+        model.add_module(SMOL_MODULE, smol)
         for p in smol.parameters():
             p.requires_grad_(False)
     net = Supernet(model, DPResult.from_json(meta["dp"]), widths, plan, smol, compensate=meta["compensate"])
